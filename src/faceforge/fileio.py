@@ -1,0 +1,77 @@
+"""File plumbing shared by training, evaluation and export: atomic writes and safetensors weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file
+from torch import nn
+
+from faceforge.errors import ConfigError, DataError
+
+LATEST = "latest.json"
+
+
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
+    """Call write(tmp_path) on a temp file beside `path`, then rename it over `path`: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def latest_checkpoint(run_dir: str | Path) -> tuple[Path, Path]:
+    """(weights, trainer state) paths of a run folder's newest checkpoint."""
+    pointer = Path(run_dir) / "checkpoints" / LATEST
+    if not pointer.is_file():
+        raise ConfigError(f"no checkpoint in {run_dir} (missing checkpoints/{LATEST})")
+    info = json.loads(pointer.read_text())
+    return pointer.parent / info["weights"], pointer.parent / info["state"]
+
+
+def resolve_weights(path: str | Path) -> Path:
+    """A .safetensors file as given, or the newest checkpoint's weights of a run folder."""
+    p = Path(path)
+    if p.is_dir():
+        return latest_checkpoint(p)[0]
+    if not p.is_file():
+        raise ConfigError(f"weights not found: {p}")
+    return p
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors file (or of a run folder's newest checkpoint)."""
+    p = resolve_weights(path)
+    try:
+        return load_file(str(p))
+    except (SafetensorsError, OSError) as exc:
+        raise DataError(f"cannot read weights {p}: {exc}") from None
+
+
+def split_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries under `prefix.` with the prefix removed."""
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load a state dict strictly, turning shape or key mismatches into one-line ConfigErrors naming `what`."""
+    own = module.state_dict()
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            raise ConfigError(f"{what}: {key} has shape {list(value.shape)}, model expects {list(own[key].shape)}")
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"{what}: missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")

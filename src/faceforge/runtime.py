@@ -1,0 +1,27 @@
+"""Device and precision choices shared by training, evaluation and benchmarks."""
+
+from __future__ import annotations
+
+import torch
+
+from faceforge.errors import ConfigError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' is the first GPU when there is one, else the CPU; asking for CUDA without one is a ConfigError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but no CUDA device is available")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for the backbone, or None for fp32; 'auto' is bf16 on GPU and fp32 on CPU."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
