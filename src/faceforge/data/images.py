@@ -1,0 +1,36 @@
+"""Image bytes ↔ uint8 RGB arrays, via Pillow (MXNet and OpenCV are not needed)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from faceforge.errors import DataError
+
+# Formats face datasets use; other Pillow plugins (EPS runs Ghostscript) stay out of reach.
+_FORMATS = ("JPEG", "PNG", "BMP")
+# Face crops are small: refuse absurd sizes before a corrupt header makes us allocate gigabytes.
+_MAX_PIXELS = 4096 * 4096
+
+
+def decode_image(data: bytes, where: str) -> np.ndarray:
+    """Decode JPEG/PNG/BMP bytes to a writable uint8 H×W×3 RGB array; `where` names the record in errors."""
+    try:
+        with Image.open(io.BytesIO(data), formats=_FORMATS) as image:
+            if image.width * image.height > _MAX_PIXELS:
+                raise ValueError(f"{image.width}x{image.height} image is implausibly large")
+            return np.array(image.convert("RGB"))
+    except Exception as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DataError(f"{where}: cannot decode image ({reason})") from None
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 95) -> bytes:
+    """Encode a uint8 H×W×3 RGB array as JPEG bytes."""
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected a uint8 H×W×3 array, got {rgb.dtype} {rgb.shape}")
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb)).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
