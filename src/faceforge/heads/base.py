@@ -1,0 +1,134 @@
+"""Head contract and the reductions over the class dimension, written once for all classes or a class shard."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class HeadOutput:
+    """What every head returns; the trainer minimises mean(sample_weights * per_sample_loss)."""
+
+    loss: torch.Tensor
+    per_sample_loss: torch.Tensor
+    logits_for_metrics: torch.Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClassShard:
+    """The contiguous range of classes [start, start + count) this process holds; `group` spans all shards."""
+
+    start: int
+    count: int
+    group: Any = None
+
+    @staticmethod
+    def whole(num_classes: int) -> "ClassShard":
+        return ClassShard(0, num_classes, None)
+
+    def local_labels(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels shifted into this shard and the mask of rows whose class lives here."""
+        local = labels - self.start
+        owned = (local >= 0) & (local < self.count)
+        return torch.where(owned, local, torch.zeros_like(local)), owned
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 tensors widened to fp32; fp32/fp64 kept (so float64 gradient checks stay exact)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+class _SumOverShards(torch.autograd.Function):
+    """All-reduce SUM whose backward passes the gradient through unchanged.
+
+    Every rank computes the same (replicated) loss from the summed value, so each shard's inputs must
+    receive exactly their own gradient; torch's differentiable all_reduce would multiply it by the world size.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def sum_over_shards(x: torch.Tensor, shard: "ClassShard") -> torch.Tensor:
+    """Elementwise sum of `x` across the shards of the class dimension (identity with one shard)."""
+    return x if shard.group is None else _SumOverShards.apply(x, shard.group)
+
+
+def class_max(values: torch.Tensor, shard: ClassShard) -> torch.Tensor:
+    """Row-wise max over all classes (no gradient: used for stability and accuracy)."""
+    m = values.detach().amax(dim=1)
+    if shard.group is not None:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=shard.group)
+    return m
+
+
+def class_sum(values: torch.Tensor, shard: ClassShard) -> torch.Tensor:
+    """Row-wise sum over all classes, differentiable across shards."""
+    return sum_over_shards(values.sum(dim=1), shard)
+
+
+def class_logsumexp(logits: torch.Tensor, shard: ClassShard, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """log Σ_j exp(logits_j) over all classes, plus optional per-row extra log-terms [B, k] outside the classes."""
+    m = class_max(logits, shard)
+    if extra is not None:
+        m = torch.maximum(m, extra.detach().amax(dim=1))
+    total = class_sum(torch.exp(logits - m[:, None]), shard)
+    if extra is not None:
+        total = total + torch.exp(extra - m[:, None]).sum(dim=1)
+    return m + torch.log(total)
+
+
+def pick_target(values: torch.Tensor, labels: torch.Tensor, shard: ClassShard) -> torch.Tensor:
+    """values[i, labels[i]] for every row, wherever the label's class lives."""
+    local, owned = shard.local_labels(labels)
+    return sum_over_shards(values.gather(1, local[:, None]).squeeze(1) * owned, shard)
+
+
+def replace_target(values: torch.Tensor, labels: torch.Tensor, target: torch.Tensor, shard: ClassShard) -> torch.Tensor:
+    """A copy of `values` whose owned target entries are replaced by `target` [B]."""
+    local, owned = shard.local_labels(labels)
+    onehot = torch.zeros_like(values, dtype=torch.bool).scatter_(1, local[:, None], owned[:, None])
+    return torch.where(onehot, target[:, None].to(values.dtype), values)
+
+
+def top1_accuracy(values: torch.Tensor, labels: torch.Tensor, shard: ClassShard) -> float:
+    """Fraction of rows whose target score is the largest over all classes."""
+    return (pick_target(values.detach(), labels, shard) >= class_max(values, shard)).float().mean().item()
+
+
+class Head(nn.Module):
+    """Base of all heads: owns class centres `weight` [count, D] for its shard, hears training progress."""
+
+    def __init__(self, embedding_size: int, num_classes: int, shard: ClassShard | None = None) -> None:
+        super().__init__()
+        self.embedding_size = embedding_size
+        self.num_classes = num_classes
+        self.shard = shard or ClassShard.whole(num_classes)
+        self.progress = 0.0
+
+    def set_progress(self, progress: float) -> None:
+        """Training progress in [0, 1]; heads with ramped hyper-parameters read it."""
+        self.progress = float(progress)
+
+    def no_weight_decay(self) -> list[str]:
+        """Names of parameters that must not be weight-decayed."""
+        return []
+
+    def check_input(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"head expects embeddings [B, {self.embedding_size}], got {list(embeddings.shape)}")
+        if labels.shape != embeddings.shape[:1]:
+            raise ValueError(f"head expects labels [{embeddings.shape[0]}], got {list(labels.shape)}")

@@ -1,0 +1,159 @@
+"""Softmax baselines: plain softmax and the margin family cos(m1·θ + m2) − m3 (SphereFace/ArcFace/CosFace)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from faceforge.heads.base import (
+    ClassShard,
+    Head,
+    at_least_fp32,
+    HeadOutput,
+    class_logsumexp,
+    pick_target,
+    replace_target,
+    top1_accuracy,
+)
+from faceforge.registry import HEADS
+
+_ACOS_EPS = 1e-7
+
+
+def _fp32(device: torch.device):
+    """Context that disables autocast so logits and losses stay in fp32."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+class Softmax(Head):
+    """Plain N-way classifier on unnormalised embeddings (logits W·x): the classic baseline."""
+
+    def __init__(self, embedding_size: int, num_classes: int, shard: ClassShard | None = None) -> None:
+        super().__init__(embedding_size, num_classes, shard)
+        self.weight = nn.Parameter(torch.empty(self.shard.count, embedding_size).normal_(0.0, 0.01))
+
+    def logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return at_least_fp32(embeddings) @ at_least_fp32(self.weight).t()
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
+        self.check_input(embeddings, labels)
+        with _fp32(embeddings.device):
+            logits = self.logits(embeddings, labels)
+            per_sample = class_logsumexp(logits, self.shard) - pick_target(logits, labels, self.shard)
+        return HeadOutput(
+            loss=per_sample.mean(),
+            per_sample_loss=per_sample,
+            logits_for_metrics=logits,
+            metrics={"acc": top1_accuracy(logits, labels, self.shard)},
+        )
+
+
+class CombinedMargin(Softmax):
+    """Normalised softmax with scale s; the target logit is s·(cos(m1·θ + m2) − m3), the others s·cos θ_j.
+
+    m1 = 1, m3 = 0 is ArcFace; m1 = 1, m2 = 0 is CosFace; m2 = m3 = 0 is SphereFace's multiplicative margin.
+    `straight_through=True` reproduces arcface_torch: the margin changes the forward value only, the gradient
+    is that of cos θ. `margin_warmup` ramps every margin from zero over that fraction of training.
+    """
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        s: float = 64.0,
+        m1: float = 1.0,
+        m2: float = 0.5,
+        m3: float = 0.0,
+        straight_through: bool = False,
+        margin_warmup: float = 0.0,
+        shard: ClassShard | None = None,
+    ) -> None:
+        super().__init__(embedding_size, num_classes, shard)
+        if s <= 0:
+            raise ValueError(f"scale s must be positive, got {s}")
+        if not 0.0 <= margin_warmup <= 1.0:
+            raise ValueError(f"margin_warmup is a fraction of training in [0, 1], got {margin_warmup}")
+        self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)
+        self.straight_through = straight_through
+        self.margin_warmup = margin_warmup
+
+    def margins(self) -> tuple[float, float, float]:
+        """(m1, m2, m3) at the current training progress."""
+        ramp = 1.0 if self.margin_warmup == 0 else min(1.0, self.progress / self.margin_warmup)
+        return 1.0 + ramp * (self.m1 - 1.0), ramp * self.m2, ramp * self.m3
+
+    def cosines(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """cos θ [B, count] between L2-normalised embeddings and this shard's centres, in fp32."""
+        x = F.normalize(at_least_fp32(embeddings), dim=1)
+        w = F.normalize(at_least_fp32(self.weight), dim=1)
+        return (x @ w.t()).clamp(-1.0, 1.0)
+
+    def target_margin(self, cos_target: torch.Tensor) -> torch.Tensor:
+        """cos(m1·θ + m2) − m3 of the target cosines, with arccos kept away from ±1."""
+        m1, m2, m3 = self.margins()
+        if m1 == 1.0 and m2 == 0.0:
+            out = cos_target - m3
+        else:
+            theta = torch.acos(cos_target.clamp(-1.0 + _ACOS_EPS, 1.0 - _ACOS_EPS))
+            out = torch.cos(m1 * theta + m2) - m3
+        if self.straight_through:
+            out = cos_target + (out - cos_target).detach()
+        return out
+
+    def margined_cosines(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The cosine matrix with the margin applied at each row's target: what UNPG and friends wrap."""
+        return replace_target(cos, labels, self.target_margin(pick_target(cos, labels, self.shard)), self.shard)
+
+    def logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.s * self.margined_cosines(self.cosines(embeddings), labels)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
+        out = super().forward(embeddings, labels)
+        m1, m2, m3 = self.margins()
+        out.metrics.update({"margin": m2 + m3 + (m1 - 1.0)})
+        return out
+
+    def extra_repr(self) -> str:
+        return f"s={self.s}, m1={self.m1}, m2={self.m2}, m3={self.m3}, classes={self.shard.count}/{self.num_classes}"
+
+
+class ArcFace(CombinedMargin):
+    """Additive angular margin: target logit s·cos(θ + m) (Deng et al., CVPR 2019)."""
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        s: float = 64.0,
+        m: float = 0.5,
+        straight_through: bool = False,
+        margin_warmup: float = 0.0,
+        shard: ClassShard | None = None,
+    ) -> None:
+        if not 0.0 <= m < math.pi:
+            raise ValueError(f"ArcFace margin m must be in [0, pi), got {m}")
+        super().__init__(embedding_size, num_classes, s, 1.0, m, 0.0, straight_through, margin_warmup, shard)
+
+
+class CosFace(CombinedMargin):
+    """Additive cosine margin: target logit s·(cos θ − m) (Wang et al., CVPR 2018)."""
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        s: float = 64.0,
+        m: float = 0.4,
+        margin_warmup: float = 0.0,
+        shard: ClassShard | None = None,
+    ) -> None:
+        super().__init__(embedding_size, num_classes, s, 1.0, 0.0, m, False, margin_warmup, shard)
+
+
+HEADS.register("softmax")(Softmax)
+HEADS.register("combined")(CombinedMargin)
+HEADS.register("arcface")(ArcFace)
+HEADS.register("cosface")(CosFace)
