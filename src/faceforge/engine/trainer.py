@@ -1,0 +1,278 @@
+"""The training loop (single process, CPU or one GPU): data -> backbone -> head (+ regularizers) -> optimizer."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from faceforge.backbones import build_backbone
+from faceforge.config import Config, dump_config, load_config
+from faceforge.data.loader import BatchPlan, TrainLoader, to_model_input
+from faceforge import fileio
+from faceforge.engine import checkpoint as ckpt
+from faceforge.engine.datasets import open_training_set, validation_bins
+from faceforge.engine.optim import build_optimizer, lr_factor, set_lr
+from faceforge.engine.run_log import RunLog
+from faceforge.errors import ConfigError, DataError, FaceforgeError
+from faceforge.eval.verification import VerificationSet
+from faceforge.heads import Head, build_head
+from faceforge.registry import REGULARIZERS
+from faceforge.runtime import autocast_dtype, pick_device
+
+
+class TrainingAborted(FaceforgeError):
+    """Training cannot go on (e.g. the loss stayed non-finite); the message says why and where."""
+
+
+@dataclass
+class RunState:
+    """Counters that a checkpoint must carry so a resumed run continues exactly where it stopped."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    elapsed: float = 0.0
+    bad_in_a_row: int = 0
+    skipped_steps: int = 0
+    skipped_records: int = 0
+
+
+class Trainer:
+    """Builds every part from a Config and runs the loop; `Trainer.resume(run_dir)` continues a run."""
+
+    def __init__(self, cfg: Config, run_dir: Path | None = None, resuming: bool = False) -> None:
+        self.cfg = cfg
+        t = cfg.train
+        self.device = pick_device(t.device)
+        self.amp_dtype = autocast_dtype(t.precision, self.device)
+        self.channels_last = t.channels_last == "true" or (t.channels_last == "auto" and self.device.type == "cuda")
+        torch.manual_seed(t.seed)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+        self.dataset, data_root = open_training_set(cfg)
+        self.num_classes = self._num_classes(data_root)
+        self.backbone = build_backbone(**cfg.backbone).to(self.device)
+        if self.channels_last:
+            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        head_params = {k: v for k, v in cfg.head.items() if k not in ("name", "num_classes")}
+        self.head: Head = build_head(
+            cfg.head["name"], self.backbone.embedding_size, self.num_classes, **head_params
+        ).to(self.device)
+        self.regularizers = nn.ModuleList(
+            REGULARIZERS.build(r["name"], **{k: v for k, v in r.items() if k != "name"}) for r in cfg.regularizers
+        ).to(self.device)
+        if t.init_from and not resuming:
+            self._init_from(t.init_from)
+
+        self.optimizer = build_optimizer(cfg.optim, self.backbone, self.head)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.plan = BatchPlan(len(self.dataset), t.batch_size, t.seed)
+        self.loader = TrainLoader(
+            self.dataset,
+            self.plan,
+            num_workers=cfg.data.num_workers,
+            in_memory=cfg.data.in_memory,
+            pin_memory=self.device.type == "cuda",
+            progress=t.progress_bar,
+        )
+        self.val_sets = [VerificationSet.load(p) for p in validation_bins(cfg, data_root)]
+        self.total_steps = t.max_steps or t.epochs * len(self.plan)
+        self.state = RunState()
+        self.log = RunLog(run_dir or RunLog.new_dir(cfg), fresh=not resuming)
+        if not resuming:
+            self.log.write_text("config.yaml", dump_config(cfg))
+
+    def _num_classes(self, data_root: Path) -> int:
+        found = self.dataset.num_classes
+        asked = self.cfg.head.get("num_classes")
+        if asked is None:
+            return found
+        if not isinstance(asked, int) or asked < found:
+            raise ConfigError(f"head.num_classes={asked!r} is smaller than the {found} classes in {data_root}")
+        return asked
+
+    def _init_from(self, path: str) -> None:
+        """Fine-tune: backbone weights must match; head centres are taken only if their shapes match."""
+        state = fileio.load_weights(path)
+        fileio.load_into(self.backbone, fileio.split_state(state, "backbone"), f"init_from {path} (backbone)")
+        head_state = fileio.split_state(state, "head")
+        own = self.head.state_dict()
+        if head_state and all(k in own and own[k].shape == v.shape for k, v in head_state.items()):
+            fileio.load_into(self.head, head_state, f"init_from {path} (head)")
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, overrides: list[str] | None = None) -> "Trainer":
+        """Rebuild a run from its config.yaml and its newest checkpoint."""
+        run_dir = Path(run_dir)
+        weights, state_path = fileio.latest_checkpoint(run_dir)
+        cfg = load_config(run_dir / "config.yaml", overrides or [])
+        trainer = cls(cfg, run_dir=run_dir, resuming=True)
+        state = fileio.load_weights(weights)
+        fileio.load_into(trainer.backbone, fileio.split_state(state, "backbone"), f"{weights} (backbone)")
+        fileio.load_into(trainer.head, fileio.split_state(state, "head"), f"{weights} (head)")
+        saved = ckpt.load_trainer_state(state_path)
+        trainer.optimizer.load_state_dict(saved["optimizer"])
+        trainer.scaler.load_state_dict(saved["scaler"])
+        torch.set_rng_state(saved["rng"])
+        trainer.state = RunState(**saved["run"])
+        trainer.log.truncate_after(trainer.state.step)
+        if overrides:
+            trainer.log.write_text("config.yaml", dump_config(cfg))
+        return trainer
+
+    def progress(self) -> float:
+        """Fraction of training done: elapsed time over the budget when one is set, else steps over total."""
+        t = self.cfg.train
+        by_step = self.state.step / max(self.total_steps, 1)
+        if t.time_budget_s <= 0:
+            return by_step
+        by_time = self.state.elapsed / t.time_budget_s
+        return max(by_time, by_step) if t.max_steps > 0 else by_time
+
+    def done(self) -> bool:
+        return self.progress() >= 1.0
+
+    def save(self) -> Path:
+        trainer_state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "run": asdict(self.state),
+        }
+        return ckpt.save_checkpoint(self.log.dir / "checkpoints", self.state.step, self.backbone, self.head, trainer_state)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float] | None:
+        """One optimisation step; returns its metrics, or None when the loss was not finite and the step skipped."""
+        cfg = self.cfg
+        lr = cfg.optim.lr * lr_factor(cfg.schedule, self.progress(), cfg.optim.lr)
+        set_lr(self.optimizer, lr)
+        self.head.set_progress(self.progress())
+        flip_gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + self.state.step)
+        x = to_model_input(images, self.device, cfg.data.flip, flip_gen, self.channels_last)
+        y = labels.to(self.device, non_blocking=True)
+        self.backbone.train()
+        self.head.train()
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            embeddings = self.backbone(x)
+        out = self.head(embeddings.float(), y)
+        metrics, weights, reg_loss = dict(out.metrics), None, 0.0
+        for reg in self.regularizers:
+            r = reg({"images": x, "labels": y}, embeddings, out)
+            reg_loss = reg_loss + r.loss
+            metrics.update(r.metrics)
+            if r.sample_weights is not None:
+                weights = r.sample_weights if weights is None else weights * r.sample_weights
+        head_loss = out.loss if weights is None else (weights * out.per_sample_loss).mean()
+        loss = head_loss + reg_loss
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            return None
+        self.scaler.scale(loss).backward()
+        if cfg.optim.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return {"loss": loss_value, "lr": lr, **metrics}
+
+    def _check_labels(self, labels: torch.Tensor, epoch: int, batch: int) -> None:
+        if labels.numel() and int(labels.max()) >= self.num_classes:
+            raise DataError(
+                f"epoch {epoch} batch {batch}: label {int(labels.max())} >= head.num_classes={self.num_classes}"
+            )
+
+    def fit(self, until_step: int | None = None) -> dict:
+        """Train until done (or until `until_step`, leaving a checkpoint), evaluate, write the report."""
+        t = self.cfg.train
+        bar = tqdm(total=self.total_steps if not t.time_budget_s else None, initial=self.state.step,
+                   disable=not t.progress_bar, desc="train", dynamic_ncols=True)
+        window_start, window_images = time.perf_counter(), 0
+        while not self.done() and (until_step is None or self.state.step < until_step):
+            last = time.perf_counter()
+            for images, labels, skipped in self.loader.epoch(self.state.epoch, self.state.batch_in_epoch):
+                self._check_labels(labels, self.state.epoch, self.state.batch_in_epoch)
+                metrics = self.train_step(images, labels)
+                s = self.state
+                s.step += 1
+                s.batch_in_epoch += 1
+                s.skipped_records += skipped
+                s.elapsed += time.perf_counter() - last
+                window_images += len(labels)
+                if metrics is None:
+                    s.skipped_steps += 1
+                    s.bad_in_a_row += 1
+                    if s.bad_in_a_row >= t.max_bad_steps:
+                        raise TrainingAborted(
+                            f"loss was not finite for {s.bad_in_a_row} steps in a row (step {s.step}); "
+                            "lower optim.lr or use precision=fp32"
+                        )
+                    last = time.perf_counter()
+                    continue
+                s.bad_in_a_row = 0
+                bar.update(1)
+                if s.step % t.log_every == 0 or self.done():
+                    now = time.perf_counter()
+                    metrics["img_s"] = window_images / max(now - window_start, 1e-9)
+                    window_start, window_images = now, 0
+                    self.log.scalars(s.step, {"epoch": s.epoch, **metrics})
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.3g}",
+                                    img_s=f"{metrics['img_s']:.0f}")
+                if t.checkpoint_every and s.step % t.checkpoint_every == 0:
+                    self.save()
+                if t.eval_every and s.step % t.eval_every == 0:
+                    self.evaluate()
+                if self.done() or (until_step is not None and s.step >= until_step):
+                    break
+                last = time.perf_counter()
+            else:
+                self._end_epoch(bar)
+        bar.close()
+        self.save()
+        if until_step is not None and not self.done():
+            return {"run_dir": str(self.log.dir), "step": self.state.step}
+        results = self.evaluate()
+        summary = {
+            "run_dir": str(self.log.dir),
+            "steps": self.state.step,
+            "train_seconds": round(self.state.elapsed, 1),
+            "skipped_steps": self.state.skipped_steps,
+            "skipped_records": self.state.skipped_records,
+            "eval": results,
+        }
+        self.log.finish(summary)
+        return summary
+
+    def _end_epoch(self, bar: tqdm) -> None:
+        """Report corrupt records skipped so far (data.on_corrupt=skip), then move to the next epoch."""
+        s = self.state
+        if s.skipped_records:
+            self.log.event("data", s.step, {"epoch_end": {"epoch": s.epoch, "skipped_records": s.skipped_records}})
+            bar.write(f"epoch {s.epoch}: {s.skipped_records} corrupt records skipped so far (data.on_corrupt=skip)")
+        s.epoch += 1
+        s.batch_in_epoch = 0
+
+    def evaluate(self) -> dict[str, dict]:
+        """Verification accuracy on each validation set, logged as an `eval` event."""
+        results = {}
+        for vs in self.val_sets:
+            metrics, roc = vs.evaluate(self.backbone, device=self.device)
+            results[vs.name] = metrics
+            self.log.roc_curves[vs.name] = roc
+        if results:
+            self.log.event("eval", self.state.step, results)
+        return results
+
+
+def train(cfg: Config) -> dict:
+    """Train a fresh run from a Config; returns the summary (run folder, steps, evaluation)."""
+    return Trainer(cfg).fit()
+
