@@ -65,7 +65,7 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], out_png: str | Pa
         if shown.any():
             smallest = min(smallest, float(fpr[shown].min()))
     ax.set_xscale("log")
-    ax.set_xlim(smallest, 1.0)
+    ax.set_xlim(min(smallest, 1e-2), 1.0)
     ax.set_ylim(0.0, 1.0)
     ax.set_xlabel("FAR (false accept rate)")
     ax.set_ylabel("TAR (true accept rate)")

@@ -1,0 +1,168 @@
+"""Command line: `faceforge demo | train | eval | synth | pack | pack-bin | bench`. User errors print one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from faceforge.errors import FaceforgeError
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from faceforge.demo import run_demo
+
+    run_demo(args.overrides)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from faceforge.config import load_config
+    from faceforge.engine.trainer import Trainer
+
+    if args.resume:
+        if args.config:
+            args.overrides.insert(0, args.config)
+        trainer = Trainer.resume(args.resume, args.overrides)
+    else:
+        if not args.config:
+            raise FaceforgeError("train needs a CONFIG.yaml (or --resume RUN_DIR)")
+        trainer = Trainer(load_config(args.config, args.overrides))
+    summary = trainer.fit()
+    print(json.dumps(summary, default=float))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from faceforge.eval.model_eval import evaluate_weights, format_table
+
+    rows = evaluate_weights(
+        args.weights, args.bins, backbone=args.backbone, batch_size=args.batch_size, device=args.device,
+        flip=not args.no_flip,
+    )
+    print(format_table(rows))
+    if args.json:
+        print(json.dumps(rows, default=float))
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from faceforge.data.synthface import generate
+
+    meta = generate(
+        Path(args.out_dir),
+        identities=args.identities,
+        images_per_id=args.images_per_id,
+        eval_identities=args.eval_identities,
+        eval_images_per_id=args.eval_images_per_id,
+        pairs=args.pairs,
+        seed=args.seed,
+        nuisance=args.nuisance,
+        workers=args.workers,
+    )
+    print(json.dumps(meta, default=float))
+    return 0
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from faceforge.data.pack import pack_folder
+
+    stats = pack_folder(args.image_root, args.out_dir, landmarks=args.landmarks, workers=args.workers,
+                        quality=args.quality)
+    print(json.dumps(stats, default=str))
+    return 0
+
+
+def cmd_pack_bin(args: argparse.Namespace) -> int:
+    from faceforge.data.pack import pack_pairs
+
+    pairs = pack_pairs(args.pairs, args.out_bin, root=args.root, landmarks=args.landmarks)
+    print(json.dumps({"out_bin": args.out_bin, "pairs": pairs}))
+    return 0
+
+
+def cmd_bench_flops(args: argparse.Namespace) -> int:
+    from faceforge.backbones import build_backbone, count_flops
+
+    model = build_backbone(args.backbone, embedding_size=args.embedding_size)
+    flops = count_flops(model)
+    params = sum(p.numel() for p in model.parameters())
+    print(json.dumps({"backbone": args.backbone, "gflops": round(flops / 1e9, 3), "params_m": round(params / 1e6, 3)}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="faceforge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="SynthFace + a small ArcFace model on the CPU in minutes, with baselines")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.time_budget_s=60")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train from a YAML config, or resume a run folder")
+    p.add_argument("config", nargs="?", help="CONFIG.yaml")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. head.m=0.4)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="10-fold verification accuracy of a model on .bin pair sets")
+    p.add_argument("weights", help="a run folder or a .safetensors checkpoint")
+    p.add_argument("--bin", dest="bins", action="append", required=True, help="verification .bin (repeatable)")
+    p.add_argument("--backbone", help="backbone name, when the weights have no run folder with config.yaml")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-flip", action="store_true", help="skip flip-test fusion")
+    p.add_argument("--json", action="store_true", help="also print the rows as one JSON line")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("synth", help="generate a SynthFace set (train.rec/.idx/property + heldout.bin)")
+    p.add_argument("out_dir")
+    p.add_argument("--identities", type=int, default=1500)
+    p.add_argument("--images-per-id", type=int, default=12)
+    p.add_argument("--eval-identities", type=int, default=600)
+    p.add_argument("--eval-images-per-id", type=int, default=10)
+    p.add_argument("--pairs", type=int, default=6000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nuisance", type=float, default=0.75)
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("pack", help="pack an image folder (one sub-folder per identity) into train.rec/.idx/property")
+    p.add_argument("image_root")
+    p.add_argument("out_dir")
+    p.add_argument("--landmarks", help="file of 'relative/path.jpg x1 y1 ... x5 y5' lines: align on the way")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality of the packed images")
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("pack-bin", help="write a verification .bin from a list of 'path_a path_b 1|0' pairs")
+    p.add_argument("pairs", help="pairs list; paths relative to its folder or to --root")
+    p.add_argument("out_bin")
+    p.add_argument("--root", help="folder the pair paths are relative to")
+    p.add_argument("--landmarks", help="5-point landmarks file to align the images with")
+    p.set_defaults(func=cmd_pack_bin)
+
+    p = sub.add_parser("bench", help="measurements (see also benchmarks/)")
+    bench = p.add_subparsers(dest="what", required=True)
+    q = bench.add_parser("flops", help="forward GFLOPs per 112x112 image and parameter count")
+    q.add_argument("--backbone", required=True)
+    q.add_argument("--embedding-size", type=int, default=512)
+    q.set_defaults(func=cmd_bench_flops)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FaceforgeError as exc:
+        print(f"faceforge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("faceforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
