@@ -20,7 +20,7 @@ from faceforge.errors import ConfigError
 class DataConfig:
     """Where training and validation data come from and how it is read."""
 
-    root: str = "synthface"  # a folder with train.rec/.idx/property, or "synthface" for the embedded generator
+    root: str = "synthface"  # train.rec/.idx/property folder, image folder (one sub-folder per identity), or "synthface"
     val_bins: list[str] = field(default_factory=list)  # verification .bin files; empty + synthface -> heldout.bin
     in_memory: bool = False  # decode every training image once into RAM (small sets, CPU training)
     num_workers: int = 4

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -56,7 +56,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     p = resolve_weights(path)
     try:
         return load_file(str(p))
-    except (SafetensorsError, OSError) as exc:
+    except (SafetensorError, OSError) as exc:
         raise DataError(f"cannot read weights {p}: {exc}") from None
 
 
