@@ -104,3 +104,14 @@ def test_malformed_bins_raise_data_error(tmp_path, content):
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="absent.bin"):
         load_bin(tmp_path / "absent.bin")
+
+
+def test_python3_protocol2_pickle_loads_but_other_codecs_calls_do_not(tmp_path):
+    path = tmp_path / "p2.bin"
+    path.write_bytes(pickle.dumps(([b"\xff\xd8a", b"\xff\xd8b"], [True]), protocol=2))
+    images, issame = load_bin(path)
+    assert images == [b"\xff\xd8a", b"\xff\xd8b"] and issame.tolist() == [True]
+    evil = tmp_path / "evil.bin"
+    evil.write_bytes(b"\x80\x02c_codecs\nencode\nq\x00X\x01\x00\x00\x00aX\x05\x00\x00\x00utf-7\x86R.")
+    with pytest.raises(DataError, match="unexpected arguments"):
+        load_bin(evil)

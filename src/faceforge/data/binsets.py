@@ -14,12 +14,22 @@ from pathlib import Path
 import numpy as np
 
 from faceforge.errors import DataError
+from faceforge.fileio import atomic_write
+
+
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """What Python 3 pickles at protocols 0-2 call to rebuild bytes (`_codecs.encode(str, 'latin1')`), and nothing else."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise DataError("pickle calls _codecs.encode with unexpected arguments")
+    return text.encode("latin1")
 
 
 class _PlainUnpickler(pickle.Unpickler):
-    """Builds only built-in containers and scalars: no global lookups, no persistent ids."""
+    """Builds only built-in containers and scalars: no global lookups (bar a checked bytes rebuild), no persistent ids."""
 
     def find_class(self, module: str, name: str):
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
         raise DataError(f"pickle wants {module}.{name}")
 
     def persistent_load(self, pid):
@@ -31,15 +41,7 @@ def write_bin(path: str | os.PathLike, images: Sequence[bytes], issame: Sequence
     if len(images) != 2 * len(issame):
         raise ValueError(f"{len(images)} images for {len(issame)} pairs; need exactly two per pair")
     payload = ([bytes(image) for image in images], [bool(same) for same in issame])
-    path = Path(path)
-    temp = path.with_name(path.name + ".tmp")
-    try:
-        with open(temp, "wb") as handle:
-            pickle.dump(payload, handle, protocol=4)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(pickle.dumps(payload, protocol=4)))
 
 
 def load_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
