@@ -107,3 +107,13 @@ def test_worker_errors_keep_their_one_line_message(tiny_config, tiny_data, tmp_p
     with pytest.raises(DataError) as info:
         Trainer(cfg).fit()
     assert "key 3" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_label_beyond_num_classes_is_named(tiny_config, tiny_data, tmp_path):
+    import shutil
+
+    root = tmp_path / "lying_property"
+    shutil.copytree(tiny_data, root)
+    (root / "property").write_text("4,112,112")  # the data holds 8 identities
+    with pytest.raises(DataError, match=r"epoch 0 batch 0: label \d >= head.num_classes=4"):
+        Trainer(tiny_config(data={"root": str(root)})).fit()

@@ -123,6 +123,34 @@ class TrainLoader:
             yield batch
 
 
+Batch = tuple[torch.Tensor, torch.Tensor, int]
+
+
+def prefetch_to_device(batches: Iterator[Batch], device: torch.device) -> Iterator[Batch]:
+    """On CUDA, copy batch k+1 to the GPU on a side stream while batch k trains; elsewhere a pass-through."""
+    if device.type != "cuda":
+        yield from batches
+        return
+    side = torch.cuda.Stream(device)
+
+    def stage(batch: Batch | None) -> Batch | None:
+        if batch is None:
+            return None
+        images, labels, skipped = batch
+        with torch.cuda.stream(side):
+            return images.to(device, non_blocking=True), labels.to(device, non_blocking=True), skipped
+
+    staged = stage(next(batches, None))
+    while staged is not None:
+        main = torch.cuda.current_stream(device)
+        main.wait_stream(side)
+        images, labels, skipped = staged
+        images.record_stream(main)  # the caching allocator must not reuse this memory before `main` is done
+        labels.record_stream(main)
+        staged = stage(next(batches, None))
+        yield images, labels, skipped
+
+
 def to_model_input(
     images: torch.Tensor,
     device: torch.device,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from tqdm import tqdm
 
 from faceforge.backbones import build_backbone
 from faceforge.config import Config, dump_config, load_config
-from faceforge.data.loader import BatchPlan, TrainLoader, to_model_input
+from faceforge.data.loader import Batch, BatchPlan, TrainLoader, prefetch_to_device, to_model_input
 from faceforge import fileio
 from faceforge.engine import checkpoint as ckpt
 from faceforge.engine.datasets import open_training_set, validation_bins
@@ -184,11 +185,15 @@ class Trainer:
         self.scaler.update()
         return {"loss": loss_value, "lr": lr, **metrics}
 
-    def _check_labels(self, labels: torch.Tensor, epoch: int, batch: int) -> None:
-        if labels.numel() and int(labels.max()) >= self.num_classes:
-            raise DataError(
-                f"epoch {epoch} batch {batch}: label {int(labels.max())} >= head.num_classes={self.num_classes}"
-            )
+    def _checked(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        """Batches whose labels fit the head, checked on the CPU before any device copy."""
+        for batch, (images, labels, skipped) in enumerate(batches, start=self.state.batch_in_epoch):
+            if labels.numel() and int(labels.max()) >= self.num_classes:
+                raise DataError(
+                    f"epoch {self.state.epoch} batch {batch}: label {int(labels.max())} >= "
+                    f"head.num_classes={self.num_classes}"
+                )
+            yield images, labels, skipped
 
     def fit(self, until_step: int | None = None) -> dict:
         """Train until done (or until `until_step`, leaving a checkpoint), evaluate, write the report."""
@@ -198,8 +203,8 @@ class Trainer:
         window_start, window_images = time.perf_counter(), 0
         while not self.done() and (until_step is None or self.state.step < until_step):
             last = time.perf_counter()
-            for images, labels, skipped in self.loader.epoch(self.state.epoch, self.state.batch_in_epoch):
-                self._check_labels(labels, self.state.epoch, self.state.batch_in_epoch)
+            batches = self._checked(self.loader.epoch(self.state.epoch, self.state.batch_in_epoch))
+            for images, labels, skipped in prefetch_to_device(batches, self.device):
                 metrics = self.train_step(images, labels)
                 s = self.state
                 s.step += 1
