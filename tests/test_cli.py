@@ -79,3 +79,13 @@ def test_pack_folder_then_train_on_folder_and_rec(tiny_data, tiny_config, tmp_pa
         path.write_text(yaml.safe_dump(cfg.to_dict()))
         trained = _run("train", str(path))
         assert trained.returncode == 0, trained.stderr
+
+
+def test_synth_command(tmp_path):
+    args = ["--identities", "4", "--images-per-id", "3", "--eval-identities", "20", "--eval-images-per-id", "3",
+            "--pairs", "40", "--seed", "5", "--workers", "1"]
+    done = _run("synth", str(tmp_path / "sf"), *args)
+    assert done.returncode == 0, done.stderr
+    meta = json.loads(done.stdout.strip().splitlines()[-1])
+    assert meta["counts"]["train_images"] == 12 and meta["counts"]["pairs"] == 40 and meta["params"]["seed"] == 5
+    assert (tmp_path / "sf" / "train" / "train.rec").is_file() and (tmp_path / "sf" / "heldout.bin").is_file()

@@ -48,20 +48,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from faceforge.data.synthface import generate
+    from faceforge.config import SynthFaceConfig
+    from faceforge.engine.datasets import ensure_synthface
 
-    meta = generate(
-        Path(args.out_dir),
-        identities=args.identities,
-        images_per_id=args.images_per_id,
-        eval_identities=args.eval_identities,
-        eval_images_per_id=args.eval_images_per_id,
-        pairs=args.pairs,
-        seed=args.seed,
-        nuisance=args.nuisance,
-        workers=args.workers,
+    cfg = SynthFaceConfig(
+        identities=args.identities, images_per_id=args.images_per_id, eval_identities=args.eval_identities,
+        eval_images_per_id=args.eval_images_per_id, pairs=args.pairs, seed=args.seed, nuisance=args.nuisance,
     )
-    print(json.dumps(meta, default=float))
+    out = ensure_synthface(cfg, out_dir=Path(args.out_dir), workers=args.workers)
+    print(json.dumps(json.loads((out / "synthface.json").read_text())))
     return 0
 
 

@@ -28,11 +28,13 @@ def run_demo(overrides: list[str] | None = None) -> dict:
     data_dir = ensure_synthface(cfg.synthface, cfg.train.progress_bar)
     print(f"SynthFace ready in {data_dir} ({time.perf_counter() - started:.1f} s)")
     heldout = VerificationSet.load(data_dir / "heldout.bin")
-    pixel, _ = heldout.evaluate_pixels()
+    pixel, pixel_roc = heldout.evaluate_pixels()
     torch.manual_seed(cfg.train.seed)
-    random_init, _ = heldout.evaluate(build_backbone(**cfg.backbone))
+    random_init, random_roc = heldout.evaluate(build_backbone(**cfg.backbone))
 
-    summary = Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    trainer.log.roc_curves.update({"raw-pixel cosine": pixel_roc, "random-init network": random_roc})
+    summary = trainer.fit()
     trained = summary["eval"][heldout.name]
     rows = [
         ("raw-pixel cosine", pixel),

@@ -18,11 +18,13 @@ def synthface_dir(cfg: SynthFaceConfig) -> Path:
     return Path(cfg.cache_dir) / tag
 
 
-def ensure_synthface(cfg: SynthFaceConfig, progress: bool = True) -> Path:
-    """Generate the SynthFace set once into its cache folder; later calls reuse it."""
+def ensure_synthface(
+    cfg: SynthFaceConfig, progress: bool = True, out_dir: Path | None = None, workers: int | None = None
+) -> Path:
+    """Generate the SynthFace set once, into `out_dir` or its cache folder; later calls reuse it."""
     from faceforge.data.synthface import generate
 
-    out = synthface_dir(cfg)
+    out = out_dir or synthface_dir(cfg)
     generate(
         out,
         identities=cfg.identities,
@@ -32,7 +34,7 @@ def ensure_synthface(cfg: SynthFaceConfig, progress: bool = True) -> Path:
         pairs=cfg.pairs,
         seed=cfg.seed,
         nuisance=cfg.nuisance,
-        workers=min(os.cpu_count() or 1, 8),
+        workers=workers or min(os.cpu_count() or 1, 8),
         progress=progress,
     )
     return out
