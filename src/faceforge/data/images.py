@@ -10,6 +10,7 @@ from PIL import Image
 
 from faceforge.errors import DataError
 
+FACE_SIZE = 112  # side of the aligned face crops every backbone takes
 # Formats face datasets use; other Pillow plugins (EPS runs Ghostscript) stay out of reach.
 _FORMATS = ("JPEG", "PNG", "BMP")
 # Face crops are small: refuse absurd sizes before a corrupt header makes us allocate gigabytes.
@@ -43,6 +44,14 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
     except Exception as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise DataError(f"{where}: cannot decode image ({reason})") from None
+
+
+def resize_face(image: np.ndarray, size: int = FACE_SIZE) -> np.ndarray:
+    """A uint8 H×W×3 image bilinearly resized to size×size (aspect ratio not kept), as InsightFace does for
+    crops that are not 112×112; returned unchanged when it already is."""
+    if image.shape[:2] == (size, size):
+        return image
+    return np.array(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 95) -> bytes:

@@ -22,7 +22,8 @@ from faceforge.data.align import align_face
 from faceforge.data.binsets import write_bin
 from faceforge.data.folder import list_images
 from faceforge.data.images import decode_image, encode_jpeg
-from faceforge.data.record_dataset import SIZE, resize_face
+from faceforge.data.images import resize_face
+from faceforge.data.record_dataset import SIZE
 from faceforge.data.recordio import write_insightface_set
 from faceforge.errors import DataError
 

@@ -8,18 +8,12 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from faceforge.data.images import decode_image
+from faceforge.data.images import FACE_SIZE, decode_image, resize_face
 from faceforge.data.recordio import IRHeader, RecordReader
 from faceforge.errors import DataError
 
-SIZE = 112
-
-
-def resize_face(image: np.ndarray) -> np.ndarray:
-    """A uint8 H×W×3 image bilinearly resized to 112×112 (aspect ratio not kept)."""
-    return np.array(Image.fromarray(image).resize((SIZE, SIZE), Image.Resampling.BILINEAR))
+SIZE = FACE_SIZE
 
 
 class FaceImages:

@@ -7,15 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from sklearn.metrics import roc_curve
 from sklearn.preprocessing import normalize
 
 from faceforge.data.binsets import load_bin
-from faceforge.data.images import decode_image
+from faceforge.data.images import FACE_SIZE, decode_image, resize_face
 from faceforge.eval.metrics import roc, roc_auc, tar_at_far
 
-IMAGE_SIZE = 112
 THRESHOLDS = np.arange(0, 4, 0.01)  # squared-L2 thresholds of the InsightFace protocol
 REPORTED_FARS = (1e-3, 1e-2)
 _CHUNK_ROWS = 4096  # bounds the float64 working copies for wide inputs such as raw pixels
@@ -166,12 +164,6 @@ def pixel_embeddings(images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
     return (pixels.reshape(len(pixels), -1).astype(np.float32) / 255 - 0.5) / 0.5
 
 
-def _resized(image: np.ndarray) -> np.ndarray:
-    if image.shape[:2] == (IMAGE_SIZE, IMAGE_SIZE):
-        return image
-    return np.asarray(Image.fromarray(image).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR))
-
-
 @dataclass
 class VerificationSet:
     """A `.bin` verification set decoded once to uint8 RGB, so repeated evaluation during training skips decoding."""
@@ -184,9 +176,9 @@ class VerificationSet:
     def load(cls, path: str | Path) -> "VerificationSet":
         """Read a `.bin` (LFW, CFP-FP, AgeDB-30, ...) and decode it; non-112x112 images are resized bilinearly."""
         blobs, issame = load_bin(path)
-        images = np.empty((len(blobs), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+        images = np.empty((len(blobs), FACE_SIZE, FACE_SIZE, 3), dtype=np.uint8)
         for i, blob in enumerate(blobs):
-            images[i] = _resized(decode_image(blob, f"{path} image {i}"))
+            images[i] = resize_face(decode_image(blob, f"{path} image {i}"))
         return cls(Path(path).stem, images, issame)
 
     @property
