@@ -276,8 +276,3 @@ class Trainer:
             self.log.event("eval", self.state.step, results)
         return results
 
-
-def train(cfg: Config) -> dict:
-    """Train a fresh run from a Config; returns the summary (run folder, steps, evaluation)."""
-    return Trainer(cfg).fit()
-
