@@ -89,3 +89,14 @@ def test_synth_command(tmp_path):
     meta = json.loads(done.stdout.strip().splitlines()[-1])
     assert meta["counts"]["train_images"] == 12 and meta["counts"]["pairs"] == 40 and meta["params"]["seed"] == 5
     assert (tmp_path / "sf" / "train" / "train.rec").is_file() and (tmp_path / "sf" / "heldout.bin").is_file()
+
+
+def test_bench_train_synthetic_and_records(tiny_data):
+    base = ["bench", "train", "--backbone", "tiny", "--embedding-size", "16", "--num-classes", "8", "--batch", "8",
+            "--warmup", "1", "--steps", "2"]
+    for extra in ([], ["--data", str(tiny_data), "--workers", "0"]):
+        done = _run(*base, *extra)
+        assert done.returncode == 0, done.stderr
+        row = json.loads(done.stdout)
+        assert row["img_s"] > 0 and row["steps"] == 2 and row["peak_memory_gb"] > 0
+        assert row["data"] == (extra[1] if extra else "synthetic-on-device")

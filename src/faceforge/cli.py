@@ -87,6 +87,18 @@ def cmd_bench_flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from faceforge.engine.bench import bench_train
+
+    row = bench_train(
+        backbone=args.backbone, head=args.head, num_classes=args.num_classes, batch=args.batch, dtype=args.dtype,
+        compile=args.compile, device=args.device, embedding_size=args.embedding_size, warmup=args.warmup,
+        steps=args.steps, data=args.data, workers=args.workers,
+    )
+    print(json.dumps(row))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="faceforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--backbone", required=True)
     q.add_argument("--embedding-size", type=int, default=512)
     q.set_defaults(func=cmd_bench_flops)
+    q = bench.add_parser("train", help="img/s, ms/step and peak memory of the real training step")
+    q.add_argument("--backbone", default="r50")
+    q.add_argument("--head", default="arcface")
+    q.add_argument("--num-classes", type=int, default=93431)
+    q.add_argument("--batch", type=int, default=128)
+    q.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    q.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    q.add_argument("--device", default="auto")
+    q.add_argument("--embedding-size", type=int, default=512)
+    q.add_argument("--warmup", type=int, default=10)
+    q.add_argument("--steps", type=int, default=40)
+    q.add_argument("--data", help="a train.rec folder to read through the real loader (default: synthetic on device)")
+    q.add_argument("--workers", type=int, default=8, help="loader workers with --data")
+    q.set_defaults(func=cmd_bench_train)
     return parser
 
 

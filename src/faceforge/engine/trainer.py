@@ -2,29 +2,25 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
-from faceforge.backbones import build_backbone
 from faceforge.config import Config, dump_config, load_config
 from faceforge.data.loader import Batch, BatchPlan, TrainLoader, prefetch_to_device, to_model_input
 from faceforge import fileio
 from faceforge.engine import checkpoint as ckpt
 from faceforge.engine.datasets import open_training_set, validation_bins
-from faceforge.engine.optim import build_optimizer, lr_factor, set_lr
+from faceforge.engine.optim import lr_factor, set_lr
+from faceforge.engine.step import build_parts, optimisation_step
 from faceforge.engine.run_log import RunLog
 from faceforge.errors import ConfigError, DataError, FaceforgeError
 from faceforge.eval.verification import VerificationSet
-from faceforge.heads import Head, build_head
-from faceforge.registry import REGULARIZERS
-from faceforge.runtime import autocast_dtype, pick_device
+from faceforge.runtime import pick_device
 
 
 class TrainingAborted(FaceforgeError):
@@ -51,29 +47,16 @@ class Trainer:
         self.cfg = cfg
         t = cfg.train
         self.device = pick_device(t.device)
-        self.amp_dtype = autocast_dtype(t.precision, self.device)
-        self.channels_last = t.channels_last == "true" or (t.channels_last == "auto" and self.device.type == "cuda")
         torch.manual_seed(t.seed)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
         self.dataset, data_root = open_training_set(cfg)
         self.num_classes = self._num_classes(data_root)
-        self.backbone = build_backbone(**cfg.backbone).to(self.device)
-        if self.channels_last:
-            self.backbone = self.backbone.to(memory_format=torch.channels_last)
-        head_params = {k: v for k, v in cfg.head.items() if k not in ("name", "num_classes")}
-        self.head: Head = build_head(
-            cfg.head["name"], self.backbone.embedding_size, self.num_classes, **head_params
-        ).to(self.device)
-        self.regularizers = nn.ModuleList(
-            REGULARIZERS.build(r["name"], **{k: v for k, v in r.items() if k != "name"}) for r in cfg.regularizers
-        ).to(self.device)
+        self.parts = build_parts(cfg, self.num_classes, self.device)
+        self.backbone, self.head, self.optimizer = self.parts.backbone, self.parts.head, self.parts.optimizer
         if t.init_from and not resuming:
             self._init_from(t.init_from)
-
-        self.optimizer = build_optimizer(cfg.optim, self.backbone, self.head)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.plan = BatchPlan(len(self.dataset), t.batch_size, t.seed)
         self.loader = TrainLoader(
             self.dataset,
@@ -120,7 +103,7 @@ class Trainer:
         fileio.load_into(trainer.head, fileio.split_state(state, "head"), f"{weights} (head)")
         saved = ckpt.load_trainer_state(state_path)
         trainer.optimizer.load_state_dict(saved["optimizer"])
-        trainer.scaler.load_state_dict(saved["scaler"])
+        trainer.parts.scaler.load_state_dict(saved["scaler"])
         torch.set_rng_state(saved["rng"])
         trainer.state = RunState(**saved["run"])
         trainer.log.truncate_after(trainer.state.step)
@@ -143,7 +126,7 @@ class Trainer:
     def save(self) -> Path:
         trainer_state = {
             "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            "scaler": self.parts.scaler.state_dict(),
             "rng": torch.get_rng_state(),
             "run": asdict(self.state),
         }
@@ -156,34 +139,10 @@ class Trainer:
         set_lr(self.optimizer, lr)
         self.head.set_progress(self.progress())
         flip_gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + self.state.step)
-        x = to_model_input(images, self.device, cfg.data.flip, flip_gen, self.channels_last)
+        x = to_model_input(images, self.device, cfg.data.flip, flip_gen, self.parts.channels_last)
         y = labels.to(self.device, non_blocking=True)
-        self.backbone.train()
-        self.head.train()
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            embeddings = self.backbone(x)
-        out = self.head(embeddings.float(), y)
-        metrics, weights, reg_loss = dict(out.metrics), None, 0.0
-        for reg in self.regularizers:
-            r = reg({"images": x, "labels": y}, embeddings, out)
-            reg_loss = reg_loss + r.loss
-            metrics.update(r.metrics)
-            if r.sample_weights is not None:
-                weights = r.sample_weights if weights is None else weights * r.sample_weights
-        head_loss = out.loss if weights is None else (weights * out.per_sample_loss).mean()
-        loss = head_loss + reg_loss
-
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            return None
-        self.scaler.scale(loss).backward()
-        if cfg.optim.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), cfg.optim.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return {"loss": loss_value, "lr": lr, **metrics}
+        metrics = optimisation_step(self.parts, x, y)
+        return None if metrics is None else {**metrics, "lr": lr}
 
     def _checked(self, batches: Iterator[Batch]) -> Iterator[Batch]:
         """Batches whose labels fit the head, checked on the CPU before any device copy."""
