@@ -2,6 +2,7 @@
 
 from faceforge.heads.base import ClassShard, Head, HeadOutput
 from faceforge.heads.margin import ArcFace, CombinedMargin, CosFace, Softmax
+from faceforge.heads.sphereface2 import SphereFace2
 from faceforge.registry import HEADS
 
 
@@ -10,4 +11,6 @@ def build_head(name: str, embedding_size: int, num_classes: int, **params) -> He
     return HEADS.build(name, embedding_size=embedding_size, num_classes=num_classes, **params)
 
 
-__all__ = ["ArcFace", "ClassShard", "CombinedMargin", "CosFace", "Head", "HeadOutput", "Softmax", "build_head"]
+__all__ = [
+    "ArcFace", "ClassShard", "CombinedMargin", "CosFace", "Head", "HeadOutput", "Softmax", "SphereFace2", "build_head",
+]

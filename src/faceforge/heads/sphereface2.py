@@ -1,0 +1,192 @@
+"""SphereFace2 (Wen et al., ICLR 2022): N one-vs-all binary classifiers on the hypersphere with one shared bias.
+
+The loss is a sum of independent per-class terms, so a class shard computes its own part and the shards only
+sum scalars per sample; no partition function is reduced across ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, TypeVar
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from faceforge.heads.base import ClassShard, Head, HeadOutput, at_least_fp32, class_max, class_sum, sum_over_shards
+from faceforge.registry import HEADS
+
+DEFAULT_MARGIN = {"C": 0.4, "A": 0.5, "M": 1.7}
+_ACOS_EPS = 1e-7
+
+Scalar = TypeVar("Scalar", float, torch.Tensor)
+
+
+def adjust(z: Scalar, t: float) -> Scalar:
+    """Similarity adjustment g(z) = 2((z+1)/2)^t − 1: maps [−1, 1] onto itself; t = 1 is the identity."""
+    return 2.0 * ((z + 1.0) / 2.0) ** t - 1.0
+
+
+def positive_cosine(cos_y: Scalar, variant: str, m: float) -> Scalar:
+    """The positive's margined cosine for A (cos(min(θ + m, π))) and M (cos(min(m·θ, π)))."""
+    if isinstance(cos_y, torch.Tensor):
+        theta = torch.acos(cos_y.clamp(-1.0 + _ACOS_EPS, 1.0 - _ACOS_EPS))
+        return torch.cos((theta + m if variant == "A" else theta * m).clamp(max=math.pi))
+    theta = math.acos(cos_y)
+    return math.cos(min(theta + m if variant == "A" else theta * m, math.pi))
+
+
+def initial_bias(variant: str, num_classes: int, lam: float, r: float, m: float, t: float) -> float:
+    """b₀ with ∂L/∂b = 0 when every cosine is 0: the root of λσ(−(a_p + b)) = (1−λ)(N−1)σ(a_n + b).
+
+    The quadratic in e^(a_n + b) is solved in its rationalised form, which does not cancel for large N.
+    """
+    if variant == "C":
+        a_p, a_n = r * (adjust(0.0, t) - m), r * (adjust(0.0, t) + m)
+    else:
+        a_p, a_n = r * adjust(positive_cosine(0.0, variant, m), t), r * adjust(0.0, t)
+    z = lam / ((1.0 - lam) * (num_classes - 1))
+    return math.log(2.0 * z) - a_n - math.log(1.0 - z + math.sqrt((1.0 - z) ** 2 + 4.0 * z * math.exp(a_p - a_n)))
+
+
+class _SumGradOverShards(torch.autograd.Function):
+    """Identity whose backward all-reduces the gradient, so every shard's copy of b gets the whole ∂L/∂b."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+class Columns(NamedTuple):
+    """The centres one step uses, labels local to them, and which sampled columns carry the weight `factor`."""
+
+    weight: torch.Tensor
+    local: torch.Tensor
+    owned: torch.Tensor
+    sampled: torch.Tensor | None
+    factor: float
+
+
+def softplus(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + e^x) without overflow and without torch's linear cut-off at x > 20 (exact in float64)."""
+    return torch.logaddexp(x, x.new_zeros(()))
+
+
+class SphereFace2(Head):
+    """One-vs-all binary classifiers: per sample (λ/r)·softplus(−s_y) + ((1−λ)/r)·Σ_{i≠y} softplus(s_i), times lw.
+
+    s_i = r·g(cos θ_i) + b with the variant's margin: C subtracts m from the positive's g and adds it to every
+    negative's; A and M margin the positive's angle only. `detach_adjust` makes g and the margin a constant offset
+    (∂s/∂cos = r, the official `main` branch); it defaults to False for C and True for A and M.
+    `sample_rate` < 1 samples the negative classes per shard (see `columns`).
+    """
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        variant: str = "C",
+        lam: float = 0.7,
+        r: float = 40.0,
+        m: float | None = None,
+        t: float = 3.0,
+        lw: float = 10.0,
+        detach_adjust: bool | None = None,
+        sample_rate: float = 1.0,
+        shard: ClassShard | None = None,
+    ) -> None:
+        super().__init__(embedding_size, num_classes, shard)
+        if variant not in DEFAULT_MARGIN:
+            raise ValueError(f"SphereFace2 variant must be one of {', '.join(DEFAULT_MARGIN)}, got {variant!r}")
+        if num_classes < 2:
+            raise ValueError(f"SphereFace2 needs at least 2 classes, got {num_classes}")
+        if not 0.0 < lam < 1.0:
+            raise ValueError(f"SphereFace2 lam must be in (0, 1), got {lam}")
+        if r <= 0 or t <= 0 or lw <= 0:
+            raise ValueError(f"SphereFace2 r, t and lw must be positive, got r={r}, t={t}, lw={lw}")
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"SphereFace2 sample_rate must be in (0, 1], got {sample_rate}")
+        self.variant = variant
+        self.lam, self.r, self.t, self.lw = float(lam), float(r), float(t), float(lw)
+        self.m = float(DEFAULT_MARGIN[variant] if m is None else m)
+        self.detach_adjust = variant != "C" if detach_adjust is None else bool(detach_adjust)
+        self.sample_rate = float(sample_rate)
+        self.weight = nn.Parameter(torch.empty(self.shard.count, embedding_size).normal_(0.0, 0.01))
+        self.bias = nn.Parameter(torch.tensor(initial_bias(variant, num_classes, self.lam, self.r, self.m, self.t)))
+
+    def no_weight_decay(self) -> list[str]:
+        return ["bias"]
+
+    def shared_bias(self) -> torch.Tensor:
+        """b in fp32; with a process group its gradient is summed over the shards, so every copy stays equal."""
+        b = at_least_fp32(self.bias)
+        return b if self.shard.group is None else _SumGradOverShards.apply(b, self.shard.group)
+
+    def columns(self, labels: torch.Tensor) -> Columns:
+        """This step's centres: the whole shard, or with sampling (in training) every label's class plus a random
+        `sample_rate` fraction of the others, each weighted by 1 / its inclusion probability."""
+        local, owned = self.shard.local_labels(labels)
+        count = self.shard.count
+        positive = torch.zeros(count, dtype=torch.bool, device=labels.device).index_fill_(0, local[owned], True)
+        others = count - int(positive.sum())
+        if self.sample_rate >= 1.0 or not self.training or others == 0:
+            return Columns(self.weight, local, owned, None, 1.0)
+        keep = math.ceil(self.sample_rate * others)
+        score = torch.rand(count, device=labels.device).masked_fill_(positive, 2.0)
+        index = score.topk(count - others + keep).indices.sort().values
+        position = torch.full((count,), -1, dtype=torch.long, device=labels.device)
+        position[index] = torch.arange(len(index), device=labels.device)
+        local = torch.where(owned, position[local], torch.zeros_like(local))
+        return Columns(self.weight[index], local, owned, ~positive[index], others / keep)
+
+    def logits(self, cos: torch.Tensor, onehot: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """Binary logits s = r·(adjusted cosine) + b, the target column margined as the variant says."""
+        if self.variant == "C":
+            adjusted = adjust(cos, self.t) + self.m * (1.0 - 2.0 * onehot.to(cos.dtype))
+        else:
+            target = adjust(positive_cosine(cos.gather(1, local[:, None]), self.variant, self.m), self.t)
+            adjusted = torch.where(onehot, target, adjust(cos, self.t))
+        if self.detach_adjust:
+            adjusted = cos + (adjusted - cos).detach()
+        return self.r * adjusted + self.shared_bias()
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
+        self.check_input(embeddings, labels)
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            weight, local, owned, sampled, factor = self.columns(labels)
+            x = F.normalize(at_least_fp32(embeddings), dim=1)
+            cos = (x @ F.normalize(at_least_fp32(weight), dim=1).t()).clamp(-1.0, 1.0)
+            onehot = torch.zeros_like(cos, dtype=torch.bool).scatter_(1, local[:, None], owned[:, None])
+            logits = self.logits(cos, onehot, local)
+            positive = onehot.to(cos.dtype)
+            coef = self.lam * positive + (1.0 - self.lam) * (1.0 - positive)
+            if sampled is not None:
+                coef = coef * (1.0 + (factor - 1.0) * sampled.to(cos.dtype))
+            terms = coef * softplus(logits * (1.0 - 2.0 * positive))
+            per_sample = (self.lw / self.r) * class_sum(terms, self.shard)
+            target = sum_over_shards(cos.detach().gather(1, local[:, None]).squeeze(1) * owned, self.shard)
+            acc = (target >= class_max(cos, self.shard)).float().mean().item()
+        return HeadOutput(
+            loss=per_sample.mean(),
+            per_sample_loss=per_sample,
+            logits_for_metrics=logits,
+            metrics={"acc": acc, "bias": self.bias.item()},
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"variant={self.variant}, lam={self.lam}, r={self.r}, m={self.m}, t={self.t}, lw={self.lw}, "
+            f"detach_adjust={self.detach_adjust}, sample_rate={self.sample_rate}, "
+            f"classes={self.shard.count}/{self.num_classes}"
+        )
+
+
+HEADS.register("sphereface2")(SphereFace2)
