@@ -12,11 +12,12 @@ from sklearn.metrics import accuracy_score, roc_auc_score, roc_curve
 from sklearn.model_selection import KFold
 
 from faceforge.data.images import decode_image
-from faceforge.eval.metrics import roc_auc, tar_at_far
-from faceforge.eval.report import image_link, plot_roc, plot_training_curves, roc_points, write_report
+from faceforge.eval.metrics import roc, roc_auc, tar_at_far
+from faceforge.eval.report import image_link, plot_roc, plot_training_curves, write_report
 from faceforge.eval.verification import (
     VerificationSet,
     _kfold_threshold_accuracy,
+    cosine_scores,
     embed_images,
     evaluate_bin,
     evaluate_pairs,
@@ -236,12 +237,12 @@ def test_report_files(tmp_path):
     plot_training_curves(metrics, tmp_path / "curves.png")
 
     emb1, emb2, issame = noisy_pairs(500, 16, noise=1.0, seed=7)
-    model_roc = roc_points(emb1, emb2, issame)
+    model_roc = roc(cosine_scores(emb1, emb2), issame)  # what VerificationSet plots
     cosine = np.sum(emb1 * emb2, 1) / np.linalg.norm(emb1, axis=1) / np.linalg.norm(emb2, axis=1)
     fpr, tpr, _ = roc_curve(issame, cosine)
     np.testing.assert_allclose(model_roc[0], fpr)
     np.testing.assert_allclose(model_roc[1], tpr)
-    pixel_roc = roc_points(emb1, np.random.default_rng(8).normal(size=emb2.shape), issame)
+    pixel_roc = roc(cosine_scores(emb1, np.random.default_rng(8).normal(size=emb2.shape)), issame)
     plot_roc({"tiny": model_roc, "raw pixels": pixel_roc}, tmp_path / "plots" / "roc.png", "LFW")
 
     for png in (tmp_path / "curves.png", tmp_path / "plots" / "roc.png"):

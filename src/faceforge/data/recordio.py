@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from faceforge.errors import DataError
+from faceforge.fileio import atomic_write
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -324,7 +325,6 @@ def write_insightface_set(
             writer.write(identity_key, pack_record(IRHeader(2, (start, end), identity_key, 0), b""))
         if counted is None:
             writer.write(0, pack_record(IRHeader(2, (first_identity, first_identity + num_classes), 0, 0), b""))
-    prop = out / "property"
-    _temp(prop).write_text(f"{num_classes},{image_size[0]},{image_size[1]}\n", encoding="ascii")
-    os.replace(_temp(prop), prop)
+    prop = f"{num_classes},{image_size[0]},{image_size[1]}\n"
+    atomic_write(out / "property", lambda tmp: Path(tmp).write_text(prop, encoding="ascii"))
     return key - 1

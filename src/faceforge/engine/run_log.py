@@ -76,10 +76,10 @@ class RunLog:
         sections: dict[str, Any] = {}
         if self.metrics_path.exists():
             report.plot_training_curves(self.metrics_path, self.dir / "curves.png")
-            sections["Training curves"] = "![training curves](curves.png)"
+            sections["Training curves"] = report.image_link(self.dir, self.dir / "curves.png", "training curves")
         if self.roc_curves:
             report.plot_roc(self.roc_curves, self.dir / "roc.png", "verification ROC")
-            sections["ROC"] = "![ROC](roc.png)"
+            sections["ROC"] = report.image_link(self.dir, self.dir / "roc.png", "ROC")
         sections["Run"] = [{k: v for k, v in summary.items() if k != "eval"}]
         if summary.get("eval"):
             sections["Verification"] = [

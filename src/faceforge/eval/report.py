@@ -8,8 +8,6 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from faceforge.eval.metrics import roc
-from faceforge.eval.verification import ArrayLike, as_numpy, cosine_scores
 from faceforge.fileio import atomic_write
 
 
@@ -46,11 +44,6 @@ def plot_training_curves(metrics_jsonl_path: str | Path, out_png: str | Path) ->
     lr_ax.set_xlabel("step")
     lr_ax.grid(alpha=0.3)
     _save(fig, out_png)
-
-
-def roc_points(emb1: ArrayLike, emb2: ArrayLike, issame: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    """ROC (fpr, tpr) of the cosine similarity of each embedding pair."""
-    return roc(cosine_scores(emb1, emb2), as_numpy(issame).astype(bool).ravel())
 
 
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], out_png: str | Path, title: str) -> None:
