@@ -135,9 +135,10 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float] | None:
         """One optimisation step; returns its metrics, or None when the loss was not finite and the step skipped."""
         cfg = self.cfg
-        lr = cfg.optim.lr * lr_factor(cfg.schedule, self.progress(), cfg.optim.lr)
+        progress = self.progress()
+        lr = cfg.optim.lr * lr_factor(cfg.schedule, progress, cfg.optim.lr)
         set_lr(self.optimizer, lr)
-        self.head.set_progress(self.progress())
+        self.head.set_progress(progress)
         flip_gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + self.state.step)
         x = to_model_input(images, self.device, cfg.data.flip, flip_gen, self.parts.channels_last)
         y = labels.to(self.device, non_blocking=True)
