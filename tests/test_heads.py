@@ -132,3 +132,18 @@ def test_contract_and_registry():
         build_head("arcface", D, N, margin=0.3)
     with pytest.raises(ValueError, match="embeddings"):
         head(torch.randn(B, D + 1), torch.zeros(B, dtype=torch.long))
+
+
+def test_softmax_view_matches_torch_softmax():
+    torch.manual_seed(0)
+    head = ArcFace(8, 5, s=10.0, m=0.2).double()
+    x, y = torch.randn(6, 8, dtype=torch.float64), torch.randint(0, 5, (6,))
+    out = head(x, y)
+    logits = head.logits(x, y).detach()
+    p = torch.softmax(logits, dim=1)
+    assert torch.allclose(out.softmax.target_prob(), p.gather(1, y[:, None]).squeeze(1))
+    assert torch.allclose(out.softmax.entropy(), -(p * p.log()).sum(dim=1))
+    extra = torch.randn(6, 1, dtype=torch.float64)
+    full = torch.softmax(torch.cat([logits, extra], dim=1), dim=1)
+    view = type(out.softmax)(logits, y, head.shard, extra)
+    assert torch.allclose(view.entropy(), -(full * full.log()).sum(dim=1))

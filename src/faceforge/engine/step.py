@@ -44,6 +44,8 @@ def build_parts(cfg: Config, num_classes: int, device: torch.device) -> StepPart
     regularizers = nn.ModuleList(
         REGULARIZERS.build(r["name"], **{k: v for k, v in r.items() if k != "name"}) for r in cfg.regularizers
     ).to(device)
+    for reg in regularizers:
+        reg.bind(head)
     return StepParts(
         backbone=backbone,
         head=head,
@@ -66,12 +68,16 @@ def optimisation_step(parts: StepParts, x: torch.Tensor, y: torch.Tensor) -> dic
     p = parts
     p.backbone.train()
     p.head.train()
+    inputs = x
+    for reg in p.regularizers:
+        inputs = reg.perturb(inputs, y)
     with torch.autocast(p.device.type, dtype=p.amp_dtype or torch.float32, enabled=p.amp_dtype is not None):
-        embeddings = p.backbone(x)
+        embeddings = p.backbone(inputs)
     out = p.head(embeddings.float(), y)
     metrics, weights, reg_loss = dict(out.metrics), None, 0.0
+    batch = {"images": x, "inputs": inputs, "labels": y}
     for reg in p.regularizers:
-        r = reg({"images": x, "labels": y}, embeddings, out)
+        r = reg(batch, embeddings, out)
         reg_loss = reg_loss + r.loss
         metrics.update(r.metrics)
         if r.sample_weights is not None:

@@ -12,12 +12,16 @@ from torch import nn
 
 @dataclass
 class HeadOutput:
-    """What every head returns; the trainer minimises mean(sample_weights * per_sample_loss)."""
+    """What every head returns; the trainer minimises mean(sample_weights * per_sample_loss).
+
+    `softmax` is set by heads whose loss is a softmax cross-entropy over the classes (what SDE reads).
+    """
 
     loss: torch.Tensor
     per_sample_loss: torch.Tensor
     logits_for_metrics: torch.Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    softmax: "SoftmaxView | None" = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,37 @@ def top1_accuracy(values: torch.Tensor, labels: torch.Tensor, shard: ClassShard)
     return (pick_target(values.detach(), labels, shard) >= class_max(values, shard)).float().mean().item()
 
 
+@dataclass
+class SoftmaxView:
+    """A head's softmax over all classes (this shard's logits + cross-shard reductions), read without gradient.
+
+    `extra` [B, k] holds log-terms outside the classes (UNPG's negatives, merged); they count as k more outcomes.
+    """
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    shard: ClassShard
+    extra: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def log_partition(self) -> torch.Tensor:
+        return class_logsumexp(self.logits, self.shard, self.extra)
+
+    @torch.no_grad()
+    def target_prob(self) -> torch.Tensor:
+        """p(label | x) [B] as a float."""
+        return torch.exp(pick_target(self.logits, self.labels, self.shard) - self.log_partition())
+
+    @torch.no_grad()
+    def entropy(self) -> torch.Tensor:
+        """Shannon entropy [B] of each row's softmax, in nats."""
+        lse = self.log_partition()
+        mean_logit = class_sum(torch.exp(self.logits - lse[:, None]) * self.logits, self.shard)
+        if self.extra is not None:
+            mean_logit = mean_logit + (torch.exp(self.extra - lse[:, None]) * self.extra).sum(dim=1)
+        return lse - mean_logit
+
+
 class Head(nn.Module):
     """Base of all heads: owns class centres `weight` [count, D] for its shard, hears training progress."""
 
@@ -118,10 +153,12 @@ class Head(nn.Module):
         self.num_classes = num_classes
         self.shard = shard or ClassShard.whole(num_classes)
         self.progress = 0.0
+        self.epoch = 0.0
 
-    def set_progress(self, progress: float) -> None:
-        """Training progress in [0, 1]; heads with ramped hyper-parameters read it."""
+    def set_progress(self, progress: float, epoch: float = 0.0) -> None:
+        """Training progress in [0, 1] and epochs done (fractional); heads with schedules read them."""
         self.progress = float(progress)
+        self.epoch = float(epoch)
 
     def no_weight_decay(self) -> list[str]:
         """Names of parameters that must not be weight-decayed."""

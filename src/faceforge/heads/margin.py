@@ -13,6 +13,7 @@ from faceforge.heads.base import (
     Head,
     at_least_fp32,
     HeadOutput,
+    SoftmaxView,
     class_logsumexp,
     pick_target,
     replace_target,
@@ -48,6 +49,7 @@ class Softmax(Head):
             per_sample_loss=per_sample,
             logits_for_metrics=logits,
             metrics={"acc": top1_accuracy(logits, labels, self.shard)},
+            softmax=SoftmaxView(logits, labels, self.shard),
         )
 
 
