@@ -10,10 +10,12 @@ import torch
 from faceforge.config import load_config
 from faceforge.data.loader import BatchPlan, TrainLoader, to_model_input
 from faceforge.data.record_dataset import RecordDataset
-from faceforge.registry import BACKBONES, HEADS
+from faceforge.heads import check_unpg_params
+from faceforge.registry import BACKBONES, HEADS, REGULARIZERS
 
 import faceforge.backbones  # noqa: F401  (registers the backbones)
 import faceforge.heads  # noqa: F401
+import faceforge.regularizers  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,6 +59,9 @@ def test_model_input_range_and_flip():
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")) + [REPO / "src/faceforge/configs/demo.yaml"])
 def test_shipped_configs_are_valid(path):
     cfg = load_config(path)
-    for registry, table in ((BACKBONES, cfg.backbone), (HEADS, cfg.head)):
-        params = {k: v for k, v in table.items() if k != "name"}
+    tables = [(BACKBONES, cfg.backbone), (HEADS, cfg.head)] + [(REGULARIZERS, r) for r in cfg.regularizers]
+    for registry, table in tables:
+        params = {k: v for k, v in table.items() if k not in ("name", "unpg")}
         inspect.signature(registry.get(table["name"])).bind_partial(**params)
+    if "unpg" in cfg.head:
+        check_unpg_params(cfg.head["unpg"])

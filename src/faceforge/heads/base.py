@@ -144,6 +144,20 @@ class SoftmaxView:
         return lse - mean_logit
 
 
+def softmax_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, shard: ClassShard, extra: torch.Tensor | None = None
+) -> HeadOutput:
+    """Cross-entropy over all classes (plus optional extra log-terms [B, k] that are never targets)."""
+    per_sample = class_logsumexp(logits, shard, extra) - pick_target(logits, labels, shard)
+    return HeadOutput(
+        loss=per_sample.mean(),
+        per_sample_loss=per_sample,
+        logits_for_metrics=logits,
+        metrics={"acc": top1_accuracy(logits, labels, shard)},
+        softmax=SoftmaxView(logits, labels, shard, extra),
+    )
+
+
 class Head(nn.Module):
     """Base of all heads: owns class centres `weight` [count, D] for its shard, hears training progress."""
 

@@ -13,18 +13,16 @@ from faceforge.heads.base import (
     Head,
     at_least_fp32,
     HeadOutput,
-    SoftmaxView,
-    class_logsumexp,
     pick_target,
     replace_target,
-    top1_accuracy,
+    softmax_cross_entropy,
 )
 from faceforge.registry import HEADS
 
 _ACOS_EPS = 1e-7
 
 
-def _fp32(device: torch.device):
+def fp32_only(device: torch.device):
     """Context that disables autocast so logits and losses stay in fp32."""
     return torch.autocast(device_type=device.type, enabled=False)
 
@@ -41,16 +39,8 @@ class Softmax(Head):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
         self.check_input(embeddings, labels)
-        with _fp32(embeddings.device):
-            logits = self.logits(embeddings, labels)
-            per_sample = class_logsumexp(logits, self.shard) - pick_target(logits, labels, self.shard)
-        return HeadOutput(
-            loss=per_sample.mean(),
-            per_sample_loss=per_sample,
-            logits_for_metrics=logits,
-            metrics={"acc": top1_accuracy(logits, labels, self.shard)},
-            softmax=SoftmaxView(logits, labels, self.shard),
-        )
+        with fp32_only(embeddings.device):
+            return softmax_cross_entropy(self.logits(embeddings, labels), labels, self.shard)
 
 
 class CombinedMargin(Softmax):
