@@ -1,0 +1,112 @@
+"""Compare training objectives at equal budget (shared/benchmark-protocol.md): configs x seeds, one run at a time.
+
+    python benchmarks/compare.py configs/synthface_arcface.yaml configs/synthface_unpg_arcface.yaml --seeds 0 1 2
+
+Each run goes to runs/cmp-<config stem>-s<seed> and is reused when its summary.json exists (--rerun to redo).
+Prints one JSON line per run and per config, writes a markdown table and a PNG of the mean held-out ROC curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from faceforge.config import load_config
+from faceforge.engine.datasets import synthface_dir, validation_bins
+from faceforge.eval.model_eval import load_backbone
+from faceforge.eval.report import plot_roc
+from faceforge.eval.verification import VerificationSet
+
+FARS = ("0.001", "0.01")
+
+
+def run_one(config: Path, seed: int, runs: Path, overrides: list[str], rerun: bool) -> dict:
+    """Train one (config, seed) in a child process; its summary plus wall time and peak RSS."""
+    run_dir = runs / f"cmp-{config.stem}-s{seed}"
+    summary_path = run_dir / "summary.json"
+    if rerun or not summary_path.is_file():
+        cmd = [sys.executable, "-m", "faceforge", "train", str(config), f"train.seed={seed}",
+               f"train.run_name={run_dir.name}", "train.progress_bar=false", *overrides]
+        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        _, status, usage = os.wait4(child.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"compare: {' '.join(cmd)} failed")
+        (run_dir / "peak_rss_mb.txt").write_text(f"{usage.ru_maxrss / 1024:.0f}\n")
+    summary = json.loads(summary_path.read_text())
+    rss = run_dir / "peak_rss_mb.txt"
+    heldout = summary["eval"]["heldout"]
+    images = summary["steps"] * load_config(run_dir / "config.yaml").train.batch_size
+    return {
+        "config": config.stem, "seed": seed, "run_dir": str(run_dir), "accuracy": heldout["accuracy"],
+        **{f"tar@{far}": heldout["tar_at_far"][far] for far in FARS},
+        "train_seconds": summary["train_seconds"], "img_s": images / summary["train_seconds"],
+        "peak_rss_mb": float(rss.read_text()) if rss.is_file() else None,
+    }
+
+
+def heldout_roc(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out ROC of a finished run's final weights."""
+    cfg = load_config(run_dir / "config.yaml")
+    root = synthface_dir(cfg.synthface) / "train" if cfg.data.root == "synthface" else Path(cfg.data.root)
+    model = load_backbone(run_dir)
+    return VerificationSet.load(validation_bins(cfg, root)[0]).evaluate(model)[1]
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.4f}"
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: mean ± sample std over seeds per config, per-seed accuracies in brackets."""
+    lines = ["| config | held-out accuracy | TAR@FAR=1e-3 | TAR@FAR=1e-2 | train s | img/s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["config"] for r in rows):
+        rs = [r for r in rows if r["config"] == name]
+        seeds = ", ".join(f"{r['accuracy']:.4f}" for r in rs)
+        rss = [r["peak_rss_mb"] for r in rs if r["peak_rss_mb"] is not None]
+        rss_cell = f"{max(rss):.0f}" if rss else "–"
+        lines.append(
+            f"| {name} | {mean_std([r['accuracy'] for r in rs])} ({seeds}) | {mean_std([r['tar@0.001'] for r in rs])} "
+            f"| {mean_std([r['tar@0.01'] for r in rs])} | {min(r['train_seconds'] for r in rs):.0f}–"
+            f"{max(r['train_seconds'] for r in rs):.0f} | {statistics.mean(r['img_s'] for r in rs):.0f} | {rss_cell} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("configs", nargs="+", type=Path)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--runs", type=Path, default=Path("runs"))
+    parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="table .md and ROC .png prefix")
+    parser.add_argument("--rerun", action="store_true", help="train again even when a run has a summary")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every run (repeatable)")
+    args = parser.parse_args()
+    overrides = args.overrides
+    rows = []
+    for config in args.configs:
+        for seed in args.seeds:
+            rows.append(run_one(config, seed, args.runs, overrides, args.rerun))
+            print(json.dumps(rows[-1]), flush=True)
+    curves = {}
+    for name in dict.fromkeys(r["config"] for r in rows):
+        fpr_grid = np.logspace(-4, 0, 200)
+        tprs = [np.interp(fpr_grid, *heldout_roc(Path(r["run_dir"]))) for r in rows if r["config"] == name]
+        curves[name] = (fpr_grid, np.mean(tprs, axis=0))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    plot_roc(curves, args.out.with_suffix(".png"), "held-out ROC, mean over seeds")
+    md = table(rows)
+    args.out.with_suffix(".md").write_text(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
