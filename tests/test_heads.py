@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from faceforge.errors import ConfigError
 from faceforge.heads import ArcFace, CombinedMargin, CosFace, Softmax, build_head
@@ -147,3 +148,25 @@ def test_softmax_view_matches_torch_softmax():
     full = torch.softmax(torch.cat([logits, extra], dim=1), dim=1)
     view = type(out.softmax)(logits, y, head.shard, extra)
     assert torch.allclose(view.entropy(), -(full * full.log()).sum(dim=1))
+
+
+def test_sampled_softmax_keeps_positives_and_trains_on_the_sample_only():
+    torch.manual_seed(0)
+    head = ArcFace(8, 200, s=10.0, m=0.2, sample_rate=0.1).double()
+    x, y = torch.randn(6, 8, dtype=torch.float64), torch.tensor([3, 3, 50, 120, 7, 199])
+    out = head(x, y)
+    rows = head.sampled_class_rows()["weight"]
+    assert set(y.tolist()) <= set(rows.tolist()) and len(rows) == 6 - 1 + math.ceil(0.1 * (200 - 5))
+    sub = head.weight[rows].detach()
+    mapped = torch.searchsorted(rows, y)
+    cos = F.normalize(x, dim=1) @ F.normalize(sub, dim=1).t()
+    target = torch.cos(torch.acos(cos.gather(1, mapped[:, None])) + 0.2)
+    logits = 10.0 * cos.scatter(1, mapped[:, None], target)
+    torch.testing.assert_close(out.loss, F.cross_entropy(logits, mapped))
+    out.loss.backward()
+    untouched = torch.ones(200, dtype=torch.bool)
+    untouched[rows] = False
+    assert head.weight.grad[untouched].abs().sum() == 0
+    head.eval()
+    head(x, y)
+    assert head.sampled_class_rows() == {}

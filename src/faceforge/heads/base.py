@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -41,6 +43,37 @@ class ClassShard:
         local = labels - self.start
         owned = (local >= 0) & (local < self.count)
         return torch.where(owned, local, torch.zeros_like(local)), owned
+
+
+@dataclass(frozen=True)
+class ClassSample:
+    """The centres one step uses under sampling: this shard's rows `index` (sorted), a shard over just those rows,
+    labels mapped into it (rows whose class lives elsewhere map outside), and which rows a label forced in."""
+
+    index: torch.Tensor
+    shard: ClassShard
+    labels: torch.Tensor
+    positive: torch.Tensor
+    others: int
+    kept_others: int
+
+
+def sample_classes(shard: ClassShard, labels: torch.Tensor, rate: float) -> ClassSample | None:
+    """PartialFC sampling: every class that a label in the batch needs plus a random `rate` fraction of the other
+    classes of this shard; None when nothing would be left out."""
+    local, owned = shard.local_labels(labels)
+    count = shard.count
+    positive = torch.zeros(count, dtype=torch.bool, device=labels.device).index_fill_(0, local[owned], True)
+    others = count - int(positive.sum())
+    if rate >= 1.0 or others == 0:
+        return None
+    keep = math.ceil(rate * others)
+    score = torch.rand(count, device=labels.device).masked_fill_(positive, 2.0)
+    index = score.topk(count - others + keep).indices.sort().values
+    position = torch.full((count,), -1, dtype=torch.long, device=labels.device)
+    position[index] = torch.arange(len(index), device=labels.device)
+    mapped = torch.where(owned, shard.start + position[local], torch.full_like(local, -1))
+    return ClassSample(index, ClassShard(shard.start, len(index), shard.group), mapped, positive[index], others, keep)
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -159,7 +192,13 @@ def softmax_cross_entropy(
 
 
 class Head(nn.Module):
-    """Base of all heads: owns class centres `weight` [count, D] for its shard, hears training progress."""
+    """Base of all heads: owns class centres `weight` [count, D] for its shard, hears training progress.
+
+    `class_parameters` names the parameters whose rows are this shard's classes: a head that has some is split
+    across processes; one without any (e.g. GIF) is replicated.
+    """
+
+    class_parameters: tuple[str, ...] = ()
 
     def __init__(self, embedding_size: int, num_classes: int, shard: ClassShard | None = None) -> None:
         super().__init__()
@@ -177,6 +216,11 @@ class Head(nn.Module):
     def no_weight_decay(self) -> list[str]:
         """Names of parameters that must not be weight-decayed."""
         return []
+
+    def sampled_class_rows(self) -> dict[str, torch.Tensor]:
+        """Class parameter -> the rows the last training step used, for heads that sample; {} when all were used.
+        The step leaves the other rows and their optimizer state untouched."""
+        return {}
 
     def check_input(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_size:

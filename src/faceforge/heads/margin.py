@@ -14,6 +14,7 @@ from faceforge.heads.base import (
     at_least_fp32,
     HeadOutput,
     pick_target,
+    sample_classes,
     replace_target,
     softmax_cross_entropy,
 )
@@ -28,19 +29,51 @@ def fp32_only(device: torch.device):
 
 
 class Softmax(Head):
-    """Plain N-way classifier on unnormalised embeddings (logits W·x): the classic baseline."""
+    """Plain N-way classifier on unnormalised embeddings (logits W·x): the classic baseline.
 
-    def __init__(self, embedding_size: int, num_classes: int, shard: ClassShard | None = None) -> None:
+    `sample_rate` < 1 trains each step on the batch's classes plus that fraction of the others (PartialFC).
+    """
+
+    class_parameters = ("weight",)
+
+    def __init__(
+        self, embedding_size: int, num_classes: int, sample_rate: float = 1.0, shard: ClassShard | None = None
+    ) -> None:
         super().__init__(embedding_size, num_classes, shard)
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        self.sample_rate = float(sample_rate)
         self.weight = nn.Parameter(torch.empty(self.shard.count, embedding_size).normal_(0.0, 0.01))
+        self._sampled: torch.Tensor | None = None
+
+    def class_logits(
+        self, embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, shard: ClassShard
+    ) -> torch.Tensor:
+        """Logits [B, rows of `weight`] of the given centres; `labels` and `shard` locate each row's target."""
+        return at_least_fp32(embeddings) @ at_least_fp32(weight).t()
 
     def logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return at_least_fp32(embeddings) @ at_least_fp32(self.weight).t()
+        """Logits against every centre of this shard."""
+        return self.class_logits(embeddings, self.weight, labels, self.shard)
+
+    def scores(
+        self, embeddings: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, ClassShard]:
+        """This step's logits with the labels and shard they are relative to (a sampled subset in training)."""
+        sample = sample_classes(self.shard, labels, self.sample_rate) if self.training else None
+        self._sampled = None if sample is None else sample.index
+        if sample is None:
+            return self.logits(embeddings, labels), labels, self.shard
+        weight = self.weight[sample.index]
+        return self.class_logits(embeddings, weight, sample.labels, sample.shard), sample.labels, sample.shard
+
+    def sampled_class_rows(self) -> dict[str, torch.Tensor]:
+        return {} if self._sampled is None else {"weight": self._sampled}
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
         self.check_input(embeddings, labels)
         with fp32_only(embeddings.device):
-            return softmax_cross_entropy(self.logits(embeddings, labels), labels, self.shard)
+            return softmax_cross_entropy(*self.scores(embeddings, labels))
 
 
 class CombinedMargin(Softmax):
@@ -61,9 +94,10 @@ class CombinedMargin(Softmax):
         m3: float = 0.0,
         straight_through: bool = False,
         margin_warmup: float = 0.0,
+        sample_rate: float = 1.0,
         shard: ClassShard | None = None,
     ) -> None:
-        super().__init__(embedding_size, num_classes, shard)
+        super().__init__(embedding_size, num_classes, sample_rate, shard)
         if s <= 0:
             raise ValueError(f"scale s must be positive, got {s}")
         if not 0.0 <= margin_warmup <= 1.0:
@@ -77,10 +111,10 @@ class CombinedMargin(Softmax):
         ramp = 1.0 if self.margin_warmup == 0 else min(1.0, self.progress / self.margin_warmup)
         return 1.0 + ramp * (self.m1 - 1.0), ramp * self.m2, ramp * self.m3
 
-    def cosines(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """cos θ [B, count] between L2-normalised embeddings and this shard's centres, in fp32."""
+    def cosines(self, embeddings: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """cos θ [B, rows] between L2-normalised embeddings and the centres (this shard's by default), in fp32."""
         x = F.normalize(at_least_fp32(embeddings), dim=1)
-        w = F.normalize(at_least_fp32(self.weight), dim=1)
+        w = F.normalize(at_least_fp32(self.weight if weight is None else weight), dim=1)
         return (x @ w.t()).clamp(-1.0, 1.0)
 
     def target_margin(self, cos_target: torch.Tensor) -> torch.Tensor:
@@ -95,12 +129,17 @@ class CombinedMargin(Softmax):
             out = cos_target + (out - cos_target).detach()
         return out
 
-    def margined_cosines(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def margined_cosines(
+        self, cos: torch.Tensor, labels: torch.Tensor, shard: ClassShard | None = None
+    ) -> torch.Tensor:
         """The cosine matrix with the margin applied at each row's target: what UNPG and friends wrap."""
-        return replace_target(cos, labels, self.target_margin(pick_target(cos, labels, self.shard)), self.shard)
+        shard = shard or self.shard
+        return replace_target(cos, labels, self.target_margin(pick_target(cos, labels, shard)), shard)
 
-    def logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.s * self.margined_cosines(self.cosines(embeddings), labels)
+    def class_logits(
+        self, embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, shard: ClassShard
+    ) -> torch.Tensor:
+        return self.s * self.margined_cosines(self.cosines(embeddings, weight), labels, shard)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
         out = super().forward(embeddings, labels)
@@ -109,7 +148,8 @@ class CombinedMargin(Softmax):
         return out
 
     def extra_repr(self) -> str:
-        return f"s={self.s}, m1={self.m1}, m2={self.m2}, m3={self.m3}, classes={self.shard.count}/{self.num_classes}"
+        return (f"s={self.s}, m1={self.m1}, m2={self.m2}, m3={self.m3}, sample_rate={self.sample_rate}, "
+                f"classes={self.shard.count}/{self.num_classes}")
 
 
 class ArcFace(CombinedMargin):
@@ -123,11 +163,14 @@ class ArcFace(CombinedMargin):
         m: float = 0.5,
         straight_through: bool = False,
         margin_warmup: float = 0.0,
+        sample_rate: float = 1.0,
         shard: ClassShard | None = None,
     ) -> None:
         if not 0.0 <= m < math.pi:
             raise ValueError(f"ArcFace margin m must be in [0, pi), got {m}")
-        super().__init__(embedding_size, num_classes, s, 1.0, m, 0.0, straight_through, margin_warmup, shard)
+        super().__init__(
+            embedding_size, num_classes, s, 1.0, m, 0.0, straight_through, margin_warmup, sample_rate, shard
+        )
 
 
 class CosFace(CombinedMargin):
@@ -140,9 +183,10 @@ class CosFace(CombinedMargin):
         s: float = 64.0,
         m: float = 0.4,
         margin_warmup: float = 0.0,
+        sample_rate: float = 1.0,
         shard: ClassShard | None = None,
     ) -> None:
-        super().__init__(embedding_size, num_classes, s, 1.0, 0.0, m, False, margin_warmup, shard)
+        super().__init__(embedding_size, num_classes, s, 1.0, 0.0, m, False, margin_warmup, sample_rate, shard)
 
 
 HEADS.register("softmax")(Softmax)

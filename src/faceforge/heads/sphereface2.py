@@ -14,7 +14,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from faceforge.heads.base import ClassShard, Head, HeadOutput, at_least_fp32, class_max, class_sum, sum_over_shards
+from faceforge.heads.base import (
+    ClassShard, Head, HeadOutput, at_least_fp32, class_max, class_sum, sample_classes, sum_over_shards,
+)
 from faceforge.registry import HEADS
 
 DEFAULT_MARGIN = {"C": 0.4, "A": 0.5, "M": 1.7}
@@ -89,6 +91,8 @@ class SphereFace2(Head):
     `sample_rate` < 1 samples the negative classes per shard (see `columns`).
     """
 
+    class_parameters = ("weight",)
+
     def __init__(
         self,
         embedding_size: int,
@@ -120,6 +124,7 @@ class SphereFace2(Head):
         self.detach_adjust = variant != "C" if detach_adjust is None else bool(detach_adjust)
         self.sample_rate = float(sample_rate)
         self.weight = nn.Parameter(torch.empty(self.shard.count, embedding_size).normal_(0.0, 0.01))
+        self._sampled: torch.Tensor | None = None
         self.bias = nn.Parameter(torch.tensor(initial_bias(variant, num_classes, self.lam, self.r, self.m, self.t)))
 
     def no_weight_decay(self) -> list[str]:
@@ -133,19 +138,16 @@ class SphereFace2(Head):
     def columns(self, labels: torch.Tensor) -> Columns:
         """This step's centres: the whole shard, or with sampling (in training) every label's class plus a random
         `sample_rate` fraction of the others, each weighted by 1 / its inclusion probability."""
-        local, owned = self.shard.local_labels(labels)
-        count = self.shard.count
-        positive = torch.zeros(count, dtype=torch.bool, device=labels.device).index_fill_(0, local[owned], True)
-        others = count - int(positive.sum())
-        if self.sample_rate >= 1.0 or not self.training or others == 0:
+        sample = sample_classes(self.shard, labels, self.sample_rate) if self.training else None
+        self._sampled = None if sample is None else sample.index
+        if sample is None:
+            local, owned = self.shard.local_labels(labels)
             return Columns(self.weight, local, owned, None, 1.0)
-        keep = math.ceil(self.sample_rate * others)
-        score = torch.rand(count, device=labels.device).masked_fill_(positive, 2.0)
-        index = score.topk(count - others + keep).indices.sort().values
-        position = torch.full((count,), -1, dtype=torch.long, device=labels.device)
-        position[index] = torch.arange(len(index), device=labels.device)
-        local = torch.where(owned, position[local], torch.zeros_like(local))
-        return Columns(self.weight[index], local, owned, ~positive[index], others / keep)
+        local, owned = sample.shard.local_labels(sample.labels)
+        return Columns(self.weight[sample.index], local, owned, ~sample.positive, sample.others / sample.kept_others)
+
+    def sampled_class_rows(self) -> dict[str, torch.Tensor]:
+        return {} if self._sampled is None else {"weight": self._sampled}
 
     def logits(self, cos: torch.Tensor, onehot: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """Binary logits s = r·(adjusted cosine) + b, the target column margined as the variant says."""

@@ -56,8 +56,15 @@ class UNPG(Head):
         super().set_progress(progress, epoch)
         self.base.set_progress(progress, epoch)
 
+    @property
+    def class_parameters(self) -> tuple[str, ...]:
+        return tuple(f"base.{name}" for name in self.base.class_parameters)
+
     def no_weight_decay(self) -> list[str]:
         return [f"base.{name}" for name in self.base.no_weight_decay()]
+
+    def sampled_class_rows(self) -> dict[str, torch.Tensor]:
+        return {f"base.{name}": rows for name, rows in self.base.sampled_class_rows().items()}
 
     def negatives(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Cosine Gram matrix [B, B] (with gradient), the mask of negative pairs the Tukey filter keeps, and how
@@ -86,11 +93,11 @@ class UNPG(Head):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
         self.check_input(embeddings, labels)
         with fp32_only(embeddings.device):
-            logits = self.base.logits(embeddings, labels)
+            logits, class_labels, shard = self.base.scores(embeddings, labels)
             gram, kept, found = self.negatives(embeddings, labels)
             log_z = self.negative_log_term(gram, kept)
             extra = None if log_z is None else log_z.expand(len(labels), 1)
-            out = softmax_cross_entropy(logits, labels, self.shard, extra)
+            out = softmax_cross_entropy(logits, class_labels, shard, extra)
         out.metrics["unpg_negatives"] = float(found)
         out.metrics["unpg_kept"] = float(kept.sum()) / max(found, 1)
         if hasattr(self.base, "margins"):
