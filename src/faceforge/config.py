@@ -85,6 +85,7 @@ class TrainConfig:
     out_dir: str = "runs"
     run_name: str = ""
     progress_bar: bool = True
+    dist_timeout_s: float = 600.0  # torchrun: a collective waiting longer than this (a rank died) ends the run
 
 
 @dataclass

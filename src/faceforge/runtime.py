@@ -7,10 +7,13 @@ import torch
 from faceforge.errors import ConfigError
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """'auto' is the first GPU when there is one, else the CPU; asking for CUDA without one is a ConfigError."""
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """'auto' is this process's GPU (`local_rank` under torchrun) when there is one, else the CPU; asking for CUDA
+    without one is a ConfigError."""
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:

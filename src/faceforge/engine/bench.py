@@ -74,7 +74,7 @@ def bench_train(
         torch.backends.cudnn.benchmark = True
     parts = build_parts(cfg, num_classes, dev)
     if compile:
-        parts.backbone = torch.compile(parts.backbone)
+        parts.model = torch.compile(parts.model)
     batches = (
         _from_records(Path(data), batch, dev, parts.channels_last, workers)
         if data

@@ -94,3 +94,28 @@ class RunLog:
         report.write_report(self.dir, sections)
         if self._tb is not None:
             self._tb.close()
+
+
+class SilentRunLog(RunLog):
+    """What ranks other than 0 hold under torchrun: same folder, writes nothing."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.dir = Path(run_dir)
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.roc_curves = {}
+        self._tb = None
+
+    def write_text(self, name: str, text: str) -> None:
+        pass
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def event(self, kind: str, step: int, data: dict[str, Any]) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        pass

@@ -1,13 +1,15 @@
-"""The training loop (single process, CPU or one GPU): data -> backbone -> head (+ regularizers) -> optimizer."""
+"""The training loop: data -> backbone -> head (+ regularizers) -> optimizer; one process, or K under torchrun."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from faceforge.config import Config, dump_config, load_config
@@ -16,8 +18,9 @@ from faceforge import fileio
 from faceforge.engine import checkpoint as ckpt
 from faceforge.engine.datasets import open_training_set, validation_bins
 from faceforge.engine.optim import lr_factor, set_lr
+from faceforge.engine.parallel import init_from_env
 from faceforge.engine.step import build_parts, optimisation_step
-from faceforge.engine.run_log import RunLog
+from faceforge.engine.run_log import RunLog, SilentRunLog
 from faceforge.errors import ConfigError, DataError, FaceforgeError
 from faceforge.eval.verification import VerificationSet
 from faceforge.runtime import pick_device
@@ -46,32 +49,45 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path | None = None, resuming: bool = False) -> None:
         self.cfg = cfg
         t = cfg.train
-        self.device = pick_device(t.device)
+        self.par = init_from_env(t.dist_timeout_s)
+        self.device = pick_device(t.device, self.par.local_rank)
         torch.manual_seed(t.seed)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
         self.dataset, data_root = open_training_set(cfg)
         self.num_classes = self._num_classes(data_root)
-        self.parts = build_parts(cfg, self.num_classes, self.device)
+        if self.par.active and cfg.data.on_corrupt == "skip":
+            raise ConfigError("data.on_corrupt=skip would give the processes unequal batches; use raise with torchrun")
+        self.parts = build_parts(cfg, self.num_classes, self.device, self.par)
         self.backbone, self.head, self.optimizer = self.parts.backbone, self.parts.head, self.parts.optimizer
         if t.init_from and not resuming:
             self._init_from(t.init_from)
-        self.plan = BatchPlan(len(self.dataset), t.batch_size, t.seed)
+        self.plan = BatchPlan(len(self.dataset), t.batch_size, t.seed, self.par.rank, self.par.world_size)
         self.loader = TrainLoader(
             self.dataset,
             self.plan,
             num_workers=cfg.data.num_workers,
             in_memory=cfg.data.in_memory,
             pin_memory=self.device.type == "cuda",
-            progress=t.progress_bar,
+            progress=t.progress_bar and self.par.is_main,
         )
-        self.val_sets = [VerificationSet.load(p) for p in validation_bins(cfg, data_root)]
+        bins = validation_bins(cfg, data_root)
+        self.val_sets = [VerificationSet.load(p) for p in bins] if self.par.is_main else []
         self.total_steps = t.max_steps or t.epochs * len(self.plan)
         self.state = RunState()
-        self.log = RunLog(run_dir or RunLog.new_dir(cfg), fresh=not resuming)
+        run_dir = self._shared(run_dir or RunLog.new_dir(cfg))
+        self.log = RunLog(run_dir, fresh=not resuming) if self.par.is_main else SilentRunLog(run_dir)
         if not resuming:
             self.log.write_text("config.yaml", dump_config(cfg))
+
+    def _shared(self, value):
+        """Rank 0's value on every rank (e.g. the run folder, whose name has a timestamp)."""
+        if not self.par.active:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.par.group)
+        return box[0]
 
     def _num_classes(self, data_root: Path) -> int:
         found = self.dataset.num_classes
@@ -86,7 +102,7 @@ class Trainer:
         """Fine-tune: backbone weights must match; head centres are taken only if their shapes match."""
         state = fileio.load_weights(path)
         fileio.load_into(self.backbone, fileio.split_state(state, "backbone"), f"init_from {path} (backbone)")
-        head_state = fileio.split_state(state, "head")
+        head_state = ckpt.shard_head_state(self.head, fileio.split_state(state, "head"))
         own = self.head.state_dict()
         if head_state and all(k in own and own[k].shape == v.shape for k, v in head_state.items()):
             fileio.load_into(self.head, head_state, f"init_from {path} (head)")
@@ -100,9 +116,10 @@ class Trainer:
         trainer = cls(cfg, run_dir=run_dir, resuming=True)
         state = fileio.load_weights(weights)
         fileio.load_into(trainer.backbone, fileio.split_state(state, "backbone"), f"{weights} (backbone)")
-        fileio.load_into(trainer.head, fileio.split_state(state, "head"), f"{weights} (head)")
+        head_state = ckpt.shard_head_state(trainer.head, fileio.split_state(state, "head"))
+        fileio.load_into(trainer.head, head_state, f"{weights} (head)")
         saved = ckpt.load_trainer_state(state_path)
-        trainer.optimizer.load_state_dict(saved["optimizer"])
+        ckpt.load_optimizer_state(trainer.optimizer, trainer.backbone, trainer.head, saved["optimizer"])
         trainer.parts.scaler.load_state_dict(saved["scaler"])
         torch.set_rng_state(saved["rng"])
         trainer.state = RunState(**saved["run"])
@@ -123,14 +140,32 @@ class Trainer:
     def done(self) -> bool:
         return self.progress() >= 1.0
 
+    @classmethod
+    def start(cls, cfg: Config) -> "Trainer":
+        """A new run, or under a torchrun restart (--max-restarts) the same run resumed from its last checkpoint.
+
+        Restarted workers find their run folder by name: train.run_name, else one derived from torchrun's run id.
+        """
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+        if run_id and not cfg.train.run_name:
+            cfg.train.run_name = f"{cfg.backbone['name']}-{cfg.head['name']}-{run_id}"
+        run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
+        if restarts > 0 and (run_dir / "checkpoints" / fileio.LATEST).is_file():
+            return cls.resume(run_dir)
+        return cls(cfg, run_dir=run_dir if run_id else None)
+
     def save(self) -> Path:
+        """A checkpoint every rank takes part in (sharded centres are gathered); rank 0 writes it."""
         trainer_state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": ckpt.optimizer_state(self.optimizer, self.backbone, self.head, self.par),
             "scaler": self.parts.scaler.state_dict(),
             "rng": torch.get_rng_state(),
             "run": asdict(self.state),
         }
-        return ckpt.save_checkpoint(self.log.dir / "checkpoints", self.state.step, self.backbone, self.head, trainer_state)
+        return ckpt.save_checkpoint(
+            self.log.dir / "checkpoints", self.state.step, self.backbone, self.head, trainer_state, self.par
+        )
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float] | None:
         """One optimisation step; returns its metrics, or None when the loss was not finite and the step skipped."""
@@ -157,10 +192,27 @@ class Trainer:
             yield images, labels, skipped
 
     def fit(self, until_step: int | None = None) -> dict:
-        """Train until done (or until `until_step`, leaving a checkpoint), evaluate, write the report."""
+        """Train until done (or until `until_step`, leaving a checkpoint), evaluate, write the report.
+
+        Under torchrun a collective that fails or outlasts train.dist_timeout_s (another rank died) ends the run
+        with a one-line error instead of a hang.
+        """
+        if not self.par.active:
+            return self._fit(until_step)
+        try:
+            return self._fit(until_step)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TrainingAborted(
+                f"rank {self.par.rank}/{self.par.world_size}: lost the other processes at step {self.state.step} "
+                f"(a collective failed or waited over train.dist_timeout_s={self.cfg.train.dist_timeout_s:g}s): "
+                f"{first}"
+            ) from None
+
+    def _fit(self, until_step: int | None) -> dict:
         t = self.cfg.train
         bar = tqdm(total=self.total_steps if not t.time_budget_s else None, initial=self.state.step,
-                   disable=not t.progress_bar, desc="train", dynamic_ncols=True)
+                   disable=not (t.progress_bar and self.par.is_main), desc="train", dynamic_ncols=True)
         window_start, window_images = time.perf_counter(), 0
         while not self.done() and (until_step is None or self.state.step < until_step):
             last = time.perf_counter()
@@ -172,6 +224,8 @@ class Trainer:
                 s.batch_in_epoch += 1
                 s.skipped_records += skipped
                 s.elapsed += time.perf_counter() - last
+                if self.par.active and t.time_budget_s > 0:
+                    s.elapsed = self._slowest(s.elapsed)
                 window_images += len(labels)
                 if metrics is None:
                     s.skipped_steps += 1
@@ -216,6 +270,12 @@ class Trainer:
         }
         self.log.finish(summary)
         return summary
+
+    def _slowest(self, seconds: float) -> float:
+        """The largest value over ranks, so that every rank agrees when a time budget is spent."""
+        value = torch.tensor(seconds, dtype=torch.float64)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.par.group)
+        return float(value)
 
     def _end_epoch(self, bar: tqdm) -> None:
         """Report corrupt records skipped so far (data.on_corrupt=skip), then move to the next epoch."""

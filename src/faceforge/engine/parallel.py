@@ -1,0 +1,118 @@
+"""torchrun support: process-group set-up, the class shard of this rank, summed gradients, world-size-free state.
+
+Training objective with K processes: the head loss over the global batch plus the mean of the per-rank
+regularizer losses. Class-sharded heads see the all-gathered batch and each rank differentiates only its own
+classes' terms; every replicated parameter (backbone, GIF heads, SphereFace2's bias) then needs its gradients
+summed over ranks, never averaged: DDP gets a summing communication hook.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from faceforge.errors import ConfigError
+from faceforge.heads import ClassShard, Head
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """Where this process sits: rank, world size, local rank (its GPU) and the process group (None alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    group: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.group is not None
+
+
+def init_from_env(timeout_s: float) -> Parallel:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); alone without.
+
+    Collectives that wait longer than `timeout_s` (a rank died) raise instead of hanging.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Parallel()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return Parallel(dist.get_rank(), dist.get_world_size(), local_rank, dist.group.WORLD)
+
+
+def class_shard(num_classes: int, par: Parallel) -> ClassShard:
+    """This rank's contiguous block of classes: sizes differ by at most one."""
+    if num_classes < par.world_size:
+        raise ConfigError(f"{num_classes} classes cannot be split over {par.world_size} processes")
+    start = num_classes * par.rank // par.world_size
+    end = num_classes * (par.rank + 1) // par.world_size
+    return ClassShard(start, end - start, par.group)
+
+
+def shard_bounds(num_classes: int, world_size: int) -> list[int]:
+    """Start of every rank's block and the end: the split class_shard uses."""
+    return [num_classes * r // world_size for r in range(world_size + 1)]
+
+
+def _sum_hook(group, bucket):  # unannotated: DDP inspects a hook's annotations and rejects string ones
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def wrap_backbone(backbone: nn.Module, par: Parallel) -> nn.Module:
+    """DDP whose all-reduce sums the gradients (see the module docstring); the backbone itself alone."""
+    if not par.active:
+        return backbone
+    ids = [par.local_rank] if next(backbone.parameters()).is_cuda else None
+    ddp = nn.parallel.DistributedDataParallel(backbone, device_ids=ids, forward_sync_buffers=False)
+    ddp.register_comm_hook(par.group, _sum_hook)
+    return ddp
+
+
+def unwrap(backbone: nn.Module) -> nn.Module:
+    return backbone.module if isinstance(backbone, nn.parallel.DistributedDataParallel) else backbone
+
+
+def sum_replicated_head_grads(head: Head, par: Parallel) -> None:
+    """A replicated head (no class shard, e.g. GIF) sums its gradients over ranks. A sharded head needs nothing:
+    its centres are its own and its shared parameters get whole gradients in its backward (SphereFace2's bias)."""
+    if not par.active or head.shard.group is not None:
+        return
+    for p in head.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=par.group)
+
+
+def gather_rows(t: torch.Tensor, num_rows: int, par: Parallel) -> torch.Tensor:
+    """The whole [num_rows, ...] tensor from every rank's contiguous block of rows (blocks may differ by one)."""
+    if not par.active:
+        return t
+    bounds = shard_bounds(num_rows, par.world_size)
+    width = max(b - a for a, b in zip(bounds, bounds[1:]))
+    padded = t.new_zeros((width, *t.shape[1:]))
+    padded[: len(t)] = t
+    parts = [torch.empty_like(padded) for _ in range(par.world_size)]
+    dist.all_gather(parts, padded.contiguous(), group=par.group)
+    return torch.cat([p[: b - a] for p, a, b in zip(parts, bounds, bounds[1:])])
+
+
+def own_rows(t: torch.Tensor, shard: ClassShard) -> torch.Tensor:
+    """This shard's block of a whole [num_classes, ...] tensor."""
+    return t[shard.start:shard.start + shard.count].clone()

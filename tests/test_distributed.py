@@ -1,0 +1,223 @@
+"""K processes (gloo, CPU) equal one process on the global batch; checkpoints do not depend on K; a dead rank ends
+the others with a clear error."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from faceforge.config import config_from_dict
+from faceforge.engine.parallel import Parallel
+from faceforge.engine.step import build_parts, optimisation_step
+from faceforge.registry import BACKBONES
+
+N, B_LOCAL = 11, 4
+HEADS = {
+    "arcface": {"name": "arcface", "s": 16.0, "m": 0.3},
+    "cosface": {"name": "cosface", "s": 16.0, "m": 0.3},
+    "sphereface2": {"name": "sphereface2"},
+    "arcface+unpg": {"name": "arcface", "s": 16.0, "m": 0.3, "unpg": {"k": 1.5}},
+}
+
+
+class _Linear(nn.Module):
+    """A backbone without batch norm, so that a local batch's forward equals its rows of the global one."""
+
+    def __init__(self, embedding_size: int = 8) -> None:
+        super().__init__()
+        self.embedding_size = embedding_size
+        self.fc = nn.Linear(3 * 8 * 8, embedding_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+if "test_linear" not in BACKBONES:
+    BACKBONES.register("test_linear")(_Linear)
+
+
+def _parts(head: dict, par: Parallel | None = None):
+    cfg = config_from_dict({"backbone": {"name": "test_linear"}, "head": head,
+                            "optim": {"lr": 0.1, "grad_clip": 0.0}, "train": {"device": "cpu"}})
+    torch.manual_seed(0)
+    return build_parts(cfg, N, torch.device("cpu"), par)
+
+
+def _batch(world: int):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(world * B_LOCAL, 3, 8, 8, generator=g)
+    y = torch.randint(0, N, (world * B_LOCAL,), generator=g)
+    y[1] = y[0]
+    return x, y
+
+
+def _grads(parts) -> dict[str, torch.Tensor]:
+    out = {f"backbone.{k}": p.grad.clone() for k, p in parts.backbone.named_parameters()}
+    out.update({f"head.{k}": p.grad.clone() for k, p in parts.head.named_parameters()})
+    return out
+
+
+def _worker(rank, world, init_file, head_name, result_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    parts = _parts(HEADS[head_name], Parallel(rank, world, 0, dist.group.WORLD))
+    whole = torch.load(os.path.join(result_dir, "init.pt"))
+    parts.backbone.load_state_dict({k[9:]: v for k, v in whole.items() if k.startswith("backbone.")})
+    shard = parts.head.shard
+    for name, p in parts.head.named_parameters():
+        full = whole[f"head.{name}"]
+        p.data.copy_(full[shard.start:shard.start + shard.count] if name in parts.head.class_parameters else full)
+    x, y = _batch(world)
+    rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+    metrics = optimisation_step(parts, x[rows], y[rows])
+    torch.save({"loss": metrics["loss"], "grads": _grads(parts), "start": shard.start, "count": shard.count},
+               os.path.join(result_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("head_name", list(HEADS))
+def test_one_step_equals_single_process(head_name, world, tmp_path):
+    parts = _parts(HEADS[head_name])
+    init = {f"backbone.{k}": v.clone() for k, v in parts.backbone.state_dict().items()}
+    init.update({f"head.{k}": v.clone() for k, v in parts.head.state_dict().items()})
+    torch.save(init, tmp_path / "init.pt")
+    x, y = _batch(world)
+    single = optimisation_step(parts, x, y)
+    expected = _grads(parts)
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), head_name, str(tmp_path)), nprocs=world, join=True)
+    results = [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
+    for r in results:
+        assert r["loss"] == pytest.approx(single["loss"], rel=1e-5)
+        for key, grad in r["grads"].items():
+            if key.startswith("backbone.") or key not in {f"head.{n}" for n in parts.head.class_parameters}:
+                torch.testing.assert_close(grad, expected[key], rtol=1e-4, atol=1e-6)
+    for name in parts.head.class_parameters:
+        whole = torch.cat([r["grads"][f"head.{name}"] for r in results])
+        torch.testing.assert_close(whole, expected[f"head.{name}"], rtol=1e-4, atol=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_worker(rank, world, port, raw_cfg, until, resume, result_dir):
+    from faceforge.config import config_from_dict as make
+    from faceforge.engine.trainer import Trainer
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    try:
+        trainer = Trainer.resume(resume) if resume else Trainer(make(raw_cfg))
+        if resume:
+            from faceforge.engine import checkpoint as ckpt
+
+            state = ckpt.model_state(trainer.backbone, trainer.head, trainer.par)
+            opt = ckpt.optimizer_state(trainer.optimizer, trainer.backbone, trainer.head, trainer.par)
+            if rank == 0:
+                torch.save({"state": state, "opt": opt}, os.path.join(result_dir, f"loaded-{world}.pt"))
+        summary = trainer.fit(until_step=until)
+        if rank == 0:
+            with open(os.path.join(result_dir, f"summary-{world}.json"), "w") as f:
+                json.dump({"step": trainer.state.step, "run_dir": summary["run_dir"]}, f)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _spawn_training(world, raw_cfg, until, resume, tmp_path):
+    if world == 1:
+        _train_single(raw_cfg, until, resume, tmp_path)
+        return
+    mp.spawn(_train_worker, args=(world, _free_port(), raw_cfg, until, resume, str(tmp_path)), nprocs=world,
+             join=True)
+
+
+def _train_single(raw_cfg, until, resume, tmp_path):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(key, None)
+    from faceforge.engine import checkpoint as ckpt
+    from faceforge.engine.trainer import Trainer
+
+    trainer = Trainer.resume(resume)
+    state = ckpt.model_state(trainer.backbone, trainer.head, trainer.par)
+    opt = ckpt.optimizer_state(trainer.optimizer, trainer.backbone, trainer.head, trainer.par)
+    torch.save({"state": state, "opt": opt}, tmp_path / "loaded-1.pt")
+    trainer.fit(until_step=until)
+    (tmp_path / "summary-1.json").write_text(json.dumps({"step": trainer.state.step}))
+
+
+def test_checkpoint_saved_at_two_processes_resumes_at_three_and_one(tiny_data, tmp_path):
+    import shutil
+
+    from faceforge.fileio import latest_checkpoint, load_weights
+
+    raw = {
+        "backbone": {"name": "tiny", "embedding_size": 16, "stem": 8, "widths": [8, 16, 16]},
+        "head": {"name": "arcface", "s": 16.0, "m": 0.2},
+        "data": {"root": str(tiny_data), "val_bins": [str(tiny_data / "val.bin")], "num_workers": 0},
+        "optim": {"lr": 0.05},
+        "train": {"batch_size": 4, "max_steps": 6, "log_every": 1, "progress_bar": False,
+                  "out_dir": str(tmp_path / "runs"), "run_name": "k2", "dist_timeout_s": 60},
+    }
+    _spawn_training(2, raw, 3, None, tmp_path)
+    run = tmp_path / "runs" / "k2"
+    weights, _ = latest_checkpoint(run)
+    saved = load_weights(weights)
+    assert saved["head.weight"].shape == (8, 16)  # whole, not a shard
+    for world in (3, 1):
+        copy = tmp_path / f"resume-{world}"
+        shutil.copytree(run, copy)
+        _spawn_training(world, raw, 5, str(copy), tmp_path)
+        loaded = torch.load(tmp_path / f"loaded-{world}.pt")
+        for key, value in saved.items():
+            torch.testing.assert_close(loaded["state"][key], value)
+        assert loaded["opt"]["head.weight"]["momentum_buffer"].shape == (8, 16)
+        assert json.loads((tmp_path / f"summary-{world}.json").read_text())["step"] == 5
+    k2 = torch.load(tmp_path / "loaded-3.pt")["opt"]
+    k1 = torch.load(tmp_path / "loaded-1.pt")["opt"]
+    for name in k2:
+        for key in k2[name]:
+            torch.testing.assert_close(k2[name][key], k1[name][key])
+
+
+def _dying_worker(rank, world, port, raw_cfg, result_dir):
+    from faceforge.config import config_from_dict as make
+    from faceforge.engine.trainer import Trainer
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    trainer = Trainer(make(raw_cfg))
+    if rank == 1:
+        os._exit(3)
+    try:
+        trainer.fit()
+    except Exception as exc:  # the message is what the test checks
+        with open(os.path.join(result_dir, "error.txt"), "w") as f:
+            f.write(f"{type(exc).__name__}: {exc}")
+
+
+def test_a_dead_rank_ends_the_others_with_a_clear_error(tiny_data, tmp_path):
+    raw = {
+        "backbone": {"name": "tiny", "embedding_size": 16, "stem": 8, "widths": [8, 16, 16]},
+        "head": {"name": "arcface", "s": 16.0, "m": 0.2},
+        "data": {"root": str(tiny_data), "num_workers": 0},
+        "train": {"batch_size": 4, "max_steps": 4, "progress_bar": False, "out_dir": str(tmp_path / "runs"),
+                  "run_name": "dies", "dist_timeout_s": 5},
+    }
+    spawn = mp.get_context("spawn")
+    port = _free_port()
+    procs = [spawn.Process(target=_dying_worker, args=(r, 2, port, raw, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert not any(p.is_alive() for p in procs)
+    message = (tmp_path / "error.txt").read_text()
+    assert message.startswith("TrainingAborted: rank 0/2: lost the other processes"), message
