@@ -27,14 +27,14 @@ from faceforge.eval.verification import VerificationSet
 FARS = ("0.001", "0.01")
 
 
-def run_one(config: Path, seed: int, runs: Path, overrides: list[str], rerun: bool) -> dict:
+def run_one(config: Path, seed: int, runs: Path, overrides: list[str], rerun: bool, threads: int) -> dict:
     """Train one (config, seed) in a child process; its summary plus wall time and peak RSS."""
     run_dir = runs / f"cmp-{config.stem}-s{seed}"
     summary_path = run_dir / "summary.json"
     if rerun or not summary_path.is_file():
         cmd = [sys.executable, "-m", "faceforge", "train", str(config), f"train.seed={seed}",
                f"train.run_name={run_dir.name}", "train.progress_bar=false", *overrides]
-        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         _, status, usage = os.wait4(child.pid, 0)
         if os.waitstatus_to_exitcode(status) != 0:
             raise SystemExit(f"compare: {' '.join(cmd)} failed")
@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs"))
     parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="table .md and ROC .png prefix")
     parser.add_argument("--rerun", action="store_true", help="train again even when a run has a summary")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per run; 1 keeps runs fast when other jobs share the cores")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every run (repeatable)")
     args = parser.parse_args()
@@ -94,7 +96,7 @@ def main() -> None:
     rows = []
     for config in args.configs:
         for seed in args.seeds:
-            rows.append(run_one(config, seed, args.runs, overrides, args.rerun))
+            rows.append(run_one(config, seed, args.runs, overrides, args.rerun, args.threads))
             print(json.dumps(rows[-1]), flush=True)
     curves = {}
     for name in dict.fromkeys(r["config"] for r in rows):
