@@ -28,7 +28,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if not args.config:
             raise FaceforgeError("train needs a CONFIG.yaml (or --resume RUN_DIR)")
-        trainer = Trainer(load_config(args.config, args.overrides))
+        trainer = Trainer.start(load_config(args.config, args.overrides))
     summary = trainer.fit()
     print(json.dumps(summary, default=float))
     return 0
@@ -96,6 +96,19 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         steps=args.steps, data=args.data, workers=args.workers,
     )
     print(json.dumps(row))
+    return 0
+
+
+def cmd_bench_head(args: argparse.Namespace) -> int:
+    from faceforge.engine.head_memory import logits_bytes_per_element, plan_head_memory
+
+    per_logit = logits_bytes_per_element(args.head)
+    for n in args.num_classes:
+        for k in args.world_size:
+            print(json.dumps(plan_head_memory(
+                n, k, batch_per_rank=args.batch, embedding_size=args.embedding_size, optimizer=args.optimizer,
+                sample_rate=args.sample_rate, head=args.head, per_logit=per_logit,
+            )))
     return 0
 
 
@@ -170,6 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data", help="a train.rec folder to read through the real loader (default: synthetic on device)")
     q.add_argument("--workers", type=int, default=8, help="loader workers with --data")
     q.set_defaults(func=cmd_bench_train)
+    q = bench.add_parser("head", help="per-rank memory of a class-sharded head: centres, grads, optimizer, logits")
+    q.add_argument("--num-classes", type=int, nargs="+", required=True)
+    q.add_argument("--world-size", type=int, nargs="+", default=[1])
+    q.add_argument("--batch", type=int, default=128, help="images per process")
+    q.add_argument("--embedding-size", type=int, default=512)
+    q.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    q.add_argument("--sample-rate", type=float, default=1.0)
+    q.add_argument("--head", default="arcface")
+    q.set_defaults(func=cmd_bench_head)
     return parser
 
 
