@@ -221,3 +221,33 @@ def test_a_dead_rank_ends_the_others_with_a_clear_error(tiny_data, tmp_path):
     assert not any(p.is_alive() for p in procs)
     message = (tmp_path / "error.txt").read_text()
     assert message.startswith("TrainingAborted: rank 0/2: lost the other processes"), message
+
+
+def test_sampled_step_leaves_unused_centres_and_their_momentum_untouched():
+    parts = _parts({"name": "arcface", "s": 16.0, "m": 0.3, "sample_rate": 0.2})
+    x, y = _batch(1)
+    optimisation_step(parts, x, y)  # creates the momentum buffers
+    before = parts.head.weight.detach().clone()
+    momentum = parts.optimizer.state[parts.head.weight]["momentum_buffer"].clone()
+    optimisation_step(parts, x, y)
+    used = parts.head.sampled_class_rows()["weight"]
+    rest = torch.ones(N, dtype=torch.bool)
+    rest[used] = False
+    assert rest.any() and not rest[y].any()
+    assert torch.equal(parts.head.weight.detach()[rest], before[rest])
+    assert torch.equal(parts.optimizer.state[parts.head.weight]["momentum_buffer"][rest], momentum[rest])
+    assert not torch.equal(parts.head.weight.detach()[used], before[used])
+
+
+def test_torchrun_restart_resumes_the_same_run(tiny_config, monkeypatch):
+    from faceforge.engine.trainer import Trainer
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
+    cfg = tiny_config(train={"run_name": "", "max_steps": 4, "checkpoint_every": 2})
+    first = Trainer.start(cfg)
+    first.fit(until_step=2)
+    assert first.log.dir.name == "tiny-arcface-abc"
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    again = Trainer.start(tiny_config(train={"run_name": "", "max_steps": 4, "checkpoint_every": 2}))
+    assert again.log.dir == first.log.dir and again.state.step == 2
+    assert again.fit()["steps"] == 4
