@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from faceforge.distributed import shutdown
 from faceforge.config import config_from_dict
 from faceforge.engine.parallel import Parallel
 from faceforge.engine.step import build_parts, optimisation_step
@@ -76,7 +77,7 @@ def _worker(rank, world, init_file, head_name, result_dir):
     metrics = optimisation_step(parts, x[rows], y[rows])
     torch.save({"loss": metrics["loss"], "grads": _grads(parts), "start": shard.start, "count": shard.count},
                os.path.join(result_dir, f"{rank}.pt"))
-    dist.destroy_process_group()
+    shutdown()
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -126,6 +127,7 @@ def _train_worker(rank, world, port, raw_cfg, until, resume, result_dir):
         if rank == 0:
             with open(os.path.join(result_dir, f"summary-{world}.json"), "w") as f:
                 json.dump({"step": trainer.state.step, "run_dir": summary["run_dir"]}, f)
+        shutdown()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

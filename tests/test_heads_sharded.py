@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from faceforge.distributed import shutdown
 from faceforge.heads import ArcFace, ClassShard, Softmax
 
 B, D, N = 8, 6, 11
@@ -42,7 +43,7 @@ def _worker(rank, world, init_file, cls_name, result_dir):
          "w_grad": head.weight.grad, "acc": out.metrics["acc"]},
         os.path.join(result_dir, f"{rank}.pt"),
     )
-    dist.destroy_process_group()
+    shutdown()
 
 
 @pytest.mark.parametrize("cls", [ArcFace, Softmax])

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from faceforge.distributed import shutdown
 from faceforge.engine.optim import param_groups
 from faceforge.errors import ConfigError
 from faceforge.heads import ClassShard, SphereFace2, build_head
@@ -219,7 +220,7 @@ def _worker(rank, world, init_file, result_dir):
          "w_grad": head.weight.grad, "b_grad": head.bias.grad, "acc": out.metrics["acc"]},
         os.path.join(result_dir, f"{rank}.pt"),
     )
-    dist.destroy_process_group()
+    shutdown()
 
 
 def test_two_processes_equal_whole(tmp_path):

@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from faceforge.distributed import shutdown
 from faceforge.distributed import all_gather_with_grad
 from faceforge.errors import ConfigError
 from faceforge.heads import UNPG, ArcFace, ClassShard, CosFace, Softmax, build_head
@@ -133,7 +134,7 @@ def _worker(rank, world, init_file, cls_name, result_dir):
     out.loss.backward()
     torch.save({"loss": out.loss.detach(), "emb_grad": local.grad, "w_grad": head.base.weight.grad},
                os.path.join(result_dir, f"{rank}.pt"))
-    dist.destroy_process_group()
+    shutdown()
 
 
 @pytest.mark.parametrize("cls,world", [(ArcFace, 2), (CosFace, 3)])

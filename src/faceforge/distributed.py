@@ -15,6 +15,14 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def shutdown() -> None:
+    """Leave the process group once every rank got here; destroying it while a peer still waits on its last
+    collective makes gloo abort that peer ("terminate called without an active exception")."""
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank(group: Any = None) -> int:
     return dist.get_rank(group) if is_distributed() else 0
 
