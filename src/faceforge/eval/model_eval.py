@@ -1,17 +1,28 @@
-"""`faceforge eval`: load a backbone from a run folder or weights file and score it on verification .bin sets."""
+"""`faceforge eval`: load a backbone from a run folder or weights file, score it on verification .bin sets and IJB
+folders, and write one report for all of them (report.md, results.json, ROC and DET plots, operating threshold)."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from torch import nn
+from tqdm import tqdm
 
 from faceforge.backbones import build_backbone
 from faceforge.config import load_config
 from faceforge.errors import ConfigError
-from faceforge.eval.verification import VerificationSet
+from faceforge.eval.ijb import evaluate_ijb
+from faceforge.eval.metrics import threshold_at_far
+from faceforge.eval.report import eval_sections, image_link, plot_det, plot_roc, write_report
+from faceforge.eval.verification import VerificationSet, cosine_scores, embed_images
+from faceforge.fileio import atomic_write, load_into, load_weights, resolve_weights, split_state
 from faceforge.runtime import pick_device
-from faceforge.fileio import load_into, load_weights, resolve_weights, split_state
+
+THRESHOLD_FAR = 1e-4
 
 
 def _run_config(weights: Path) -> Path | None:
@@ -42,32 +53,112 @@ def load_backbone(weights: str | Path, backbone: str | None = None) -> nn.Module
     return model
 
 
-def evaluate_weights(
+def threshold_path(weights_file: Path) -> Path:
+    """Where `faceforge verify` finds the operating threshold of a weights (or .onnx) file: right beside it."""
+    return weights_file.with_suffix(".threshold.json")
+
+
+def default_out_dir(weights: str | Path) -> Path:
+    """`<run folder>/eval` for weights of a run, else an `eval` folder beside the weights file."""
+    path = resolve_weights(weights)
+    config = _run_config(path)
+    return (config.parent if config else path.parent) / "eval"
+
+
+@dataclass
+class Evaluation:
+    """Every protocol's report row and ROC, and the operating threshold chosen on one of them."""
+
+    weights: Path
+    rows: list[dict] = field(default_factory=list)
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    threshold: dict | None = None
+
+
+def evaluate_model(
     weights: str | Path,
-    bins: list[str],
+    bins: Sequence[str] = (),
+    ijb_roots: Sequence[str] = (),
     backbone: str | None = None,
     batch_size: int = 256,
     device: str = "auto",
     flip: bool = True,
-) -> list[dict]:
-    """One row of verification metrics per .bin set."""
+    workers: int = 0,
+    threshold_far: float = THRESHOLD_FAR,
+    progress: bool = True,
+) -> Evaluation:
+    """One row per .bin set (InsightFace 10-fold) and per IJB folder (1:1 TAR@FAR, 1:N when listed).
+
+    The operating threshold is chosen at `threshold_far` on the first IJB set's pairs, else on the first .bin
+    set's pairs (cosine of flip-fused embeddings, accept when above).
+    """
+    if not bins and not ijb_roots:
+        raise ConfigError("nothing to evaluate: give --bin and/or --ijb")
     dev = pick_device(device)
+    result = Evaluation(resolve_weights(weights))
     model = load_backbone(weights, backbone).to(dev)
-    rows = []
-    for path in bins:
-        vs = VerificationSet.load(path)
-        metrics, _ = vs.evaluate(model, device=dev, batch_size=batch_size, flip=flip)
-        rows.append({"set": vs.name, "pairs": vs.num_pairs, **metrics})
-    return rows
+    sets = [("bin", p) for p in bins] + [("ijb", p) for p in ijb_roots]
+    threshold_set = ("ijb", ijb_roots[0]) if ijb_roots else ("bin", bins[0])
+    for kind, path in tqdm(sets, desc="eval sets", unit="set", disable=not progress or len(sets) < 2):
+        if kind == "ijb":
+            ijb = evaluate_ijb(model, path, batch_size, dev, flip, workers, progress)
+            row, curve, scores, labels = ijb.row, ijb.curve, ijb.scores, ijb.labels
+        else:
+            vs = VerificationSet.load(path)
+            metrics, curve = vs.evaluate(model, device=dev, batch_size=batch_size, flip=flip)
+            row = {"set": vs.name, "pairs": vs.num_pairs, **metrics}
+            if (kind, path) == threshold_set:
+                fused = embed_images(model, vs.images, batch_size, dev, flip)
+                scores, labels = cosine_scores(fused[0::2], fused[1::2]), vs.issame
+        result.rows.append(row)
+        result.curves[row["set"]] = curve
+        if (kind, path) == threshold_set:
+            result.threshold = {"set": row["set"], "pairs": int(len(labels)), "target_far": threshold_far,
+                                **threshold_at_far(scores, labels, threshold_far),
+                                "score": "cosine of flip-fused embeddings" if flip else "cosine of embeddings",
+                                "decision": "same identity when score > threshold",
+                                "weights": result.weights.name}
+    return result
+
+
+def write_evaluation(evaluation: Evaluation, out_dir: str | Path) -> Path:
+    """Write report.md, results.json, roc.png and det.png to `out_dir`, and the threshold beside the weights."""
+    out = Path(out_dir)
+    plot_roc(evaluation.curves, out / "roc.png", "verification ROC (1:1)")
+    plot_det(evaluation.curves, out / "det.png", "verification DET (1:1)")
+    config = _run_config(evaluation.weights)
+    model = f"{config.parent.name}/{evaluation.weights.stem}" if config else evaluation.weights.stem
+    sections = eval_sections(evaluation.rows, evaluation.threshold, model)
+    sections["Plots"] = "\n\n".join([image_link(out, out / "roc.png", "ROC"), image_link(out, out / "det.png", "DET")])
+    write_report(out, sections, title=f"Evaluation: {evaluation.weights}")
+    results = {"weights": str(evaluation.weights), "rows": evaluation.rows, "threshold": evaluation.threshold}
+    text = json.dumps(results, indent=2, default=float) + "\n"
+    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    if evaluation.threshold is not None:
+        text = json.dumps(evaluation.threshold, indent=2) + "\n"
+        atomic_write(threshold_path(evaluation.weights), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return out / "report.md"
 
 
 def format_table(rows: list[dict]) -> str:
-    """A fixed-width table: accuracy ± std (10-fold), TAR at FAR 1e-3 / 1e-2, AUC, mean embedding norm."""
-    lines = [f"{'set':<16}{'pairs':>7}{'accuracy':>18}{'TAR@1e-3':>10}{'TAR@1e-2':>10}{'AUC':>8}{'XNorm':>8}"]
-    for r in rows:
-        acc = f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}"
-        lines.append(
-            f"{r['set']:<16}{r['pairs']:>7}{acc:>18}{r['tar_at_far'][1e-3]:>10.4f}{r['tar_at_far'][1e-2]:>10.4f}"
-            f"{r['auc']:>8.4f}{r['xnorm']:>8.2f}"
-        )
+    """Fixed-width tables for the terminal: .bin sets (accuracy, TAR@FAR, AUC, XNorm), then IJB sets."""
+    lines = []
+    bins = [r for r in rows if "accuracy" in r]
+    if bins:
+        lines.append(f"{'set':<16}{'pairs':>7}{'accuracy':>18}{'TAR@1e-3':>10}{'TAR@1e-2':>10}{'AUC':>8}{'XNorm':>8}")
+        for r in bins:
+            acc = f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}"
+            lines.append(
+                f"{r['set']:<16}{r['pairs']:>7}{acc:>18}{r['tar_at_far'][1e-3]:>10.4f}{r['tar_at_far'][1e-2]:>10.4f}"
+                f"{r['auc']:>8.4f}{r['xnorm']:>8.2f}"
+            )
+    for r in (r for r in rows if "tar_at_far_nearest" in r):
+        fars = list(r["tar_at_far"])
+        head = f"{r['set']} 1:1 ({r['pairs']} pairs, {r['mode']}), TAR at FAR "
+        lines.append(head + " ".join(f"{f:.0e}" for f in fars))
+        lines.append(f"  {'interpolated':<14}" + " ".join(f"{r['tar_at_far'][f]:.4f}" for f in fars))
+        lines.append(f"  {'nearest (IF)':<14}" + " ".join(f"{r['tar_at_far_nearest'][f]:.4f}" for f in fars))
+        for gallery, rates in r.get("identification", {}).items():
+            tpir = " ".join(f"TPIR@FPIR={f:.0e} {v:.4f}" for f, v in rates.get("tpir_at_fpir", {}).items())
+            lines.append(f"  1:N {gallery:<5} rank-1 {rates['rank_1']:.4f} rank-5 {rates['rank_5']:.4f} {tpir}")
     return "\n".join(lines)

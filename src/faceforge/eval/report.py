@@ -68,6 +68,30 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], out_png: str | Pa
     _save(fig, out_png)
 
 
+def plot_det(curves: dict[str, tuple[np.ndarray, np.ndarray]], out_png: str | Path, title: str) -> None:
+    """Plot one DET curve per name: false non-match rate (1 - TAR) against FAR, both on log axes."""
+    fig = Figure(figsize=(6, 5))
+    ax = fig.subplots()
+    low_far, low_frr = 1e-2, 1e-2
+    for name, (fpr, tpr) in curves.items():
+        fpr, fnr = np.asarray(fpr), 1.0 - np.asarray(tpr)
+        shown = (fpr > 0) & (fnr > 0)  # a perfect curve has no point to show on log axes
+        ax.plot(fpr[shown], fnr[shown], lw=1.2, label=name)
+        if shown.any():
+            low_far, low_frr = min(low_far, float(fpr[shown].min())), min(low_frr, float(fnr[shown].min()))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(low_far, 1.0)
+    ax.set_ylim(low_frr, 1.0)
+    ax.set_xlabel("FAR (false accept rate)")
+    ax.set_ylabel("FRR (false reject rate = 1 - TAR)")
+    ax.set_title(title)
+    ax.grid(which="both", alpha=0.3)
+    if curves:
+        ax.legend(loc="upper right")
+    _save(fig, out_png)
+
+
 def image_link(run_dir: str | Path, image_path: str | Path, alt: str) -> str:
     """Markdown image tag for `image_path`, linked relative to `run_dir` so the report folder can move."""
     relative = os.path.relpath(Path(image_path).resolve(), Path(run_dir).resolve())
@@ -88,16 +112,74 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dir: str | Path, sections: dict[str, str | list[dict]]) -> Path:
+def write_report(run_dir: str | Path, sections: dict[str, str | list[dict]], title: str | None = None) -> Path:
     """Write `run_dir/report.md`: one `##` section per entry, a table for a list of dicts, a string verbatim.
 
     Images belong in strings as relative links (see `image_link`). The file is replaced atomically.
     """
     run_dir = Path(run_dir)
-    parts = [f"# Report: {run_dir.resolve().name}"]
+    parts = [f"# {title or 'Report: ' + run_dir.resolve().name}"]
     for title, body in sections.items():
         parts.append(f"## {title}\n\n{body if isinstance(body, str) else _table(body)}")
     text = "\n\n".join(parts) + "\n"
     out = run_dir / "report.md"
     atomic_write(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return out
+
+
+# Verification sets in the order and spelling of the papers' tables.
+BIN_NAMES = {"lfw": "LFW", "cfp_fp": "CFP-FP", "agedb_30": "AgeDB-30", "calfw": "CALFW", "cplfw": "CPLFW",
+             "cfp_ff": "CFP-FF", "vgg2_fp": "VGG2-FP"}
+PAPER_FARS = (1e-5, 1e-4)
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def paper_row(rows: list[dict], model: str) -> dict:
+    """One row laid out like the papers' tables (percentages): .bin accuracies, then per IJB set TAR at 1e-5
+    and 1e-4 (interpolated) and, when run, 1:N rank-1 and TPIR at FPIR 1e-2 averaged over the galleries."""
+    order = list(BIN_NAMES)
+    bins = sorted((r for r in rows if "accuracy" in r),
+                  key=lambda r: (order.index(r["set"]) if r["set"] in order else len(order), r["set"]))
+    table = {"model": model, **{BIN_NAMES.get(r["set"], r["set"]): _pct(r["accuracy"]) for r in bins}}
+    for r in (r for r in rows if "tar_at_far_nearest" in r):
+        table.update({f"{r['set']} TAR@{far:.0e}": _pct(r["tar_at_far"][far]) for far in PAPER_FARS})
+        mean = r.get("identification", {}).get("mean")
+        if mean:
+            table[f"{r['set']} rank-1"] = _pct(mean["rank_1"])
+            if 1e-2 in mean.get("tpir_at_fpir", {}):
+                table[f"{r['set']} TPIR@1e-2"] = _pct(mean["tpir_at_fpir"][1e-2])
+    return table
+
+
+def eval_sections(rows: list[dict], threshold: dict | None, model: str) -> dict[str, str | list[dict]]:
+    """The sections of `faceforge eval`'s report.md: summary table, then one detailed table per protocol."""
+    sections: dict[str, str | list[dict]] = {"Summary (%, as in the papers)": [paper_row(rows, model)]}
+    bins = [r for r in rows if "accuracy" in r]
+    if bins:
+        sections["Verification sets (InsightFace 10-fold protocol, flip fusion)"] = [
+            {"set": r["set"], "pairs": r["pairs"], "accuracy": f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}",
+             **{f"TAR@{far:.0e}": f"{v:.4f}" for far, v in r["tar_at_far"].items()},
+             "AUC": f"{r['auc']:.4f}", "XNorm": f"{r['xnorm']:.2f}"} for r in bins]
+    for r in (r for r in rows if "tar_at_far_nearest" in r):
+        title = f"{r['set']} 1:1 ({r['mode']}; {r['images']} images, {r['templates']} templates, {r['pairs']} pairs)"
+        sections[title] = [{"FAR": f"{far:.0e}", "TAR (interpolated)": f"{v:.4f}",
+                            "TAR (nearest ROC point, InsightFace)": f"{r['tar_at_far_nearest'][far]:.4f}"}
+                           for far, v in r["tar_at_far"].items()]
+        if "identification" in r:
+            title = f"{r['set']} 1:N (open set; a non-mated probe's false alarm is its top score over the threshold)"
+            sections[title] = [
+                {"gallery": name, "templates": g.get("gallery_templates", ""),
+                 "mated probes": g.get("mated_probes", ""), "non-mated probes": g.get("nonmated_probes", ""),
+                 **{f"rank-{k.split('_')[1]}": f"{v:.4f}" for k, v in g.items() if k.startswith("rank_")},
+                 **{f"TPIR@FPIR={f:.0e}": f"{v:.4f}" for f, v in g.get("tpir_at_fpir", {}).items()}}
+                for name, g in r["identification"].items()]
+    if threshold is not None:
+        sections["Operating threshold (stored beside the weights for `faceforge verify`)"] = (
+            f"cosine > **{threshold['threshold']:.4f}** accepts; chosen at FAR {threshold['target_far']:g} on "
+            f"{threshold['set']} ({threshold['pairs']} pairs), where FAR = {threshold['far']:.2e} and "
+            f"TAR = {threshold['tar']:.4f}."
+        )
+    return sections
