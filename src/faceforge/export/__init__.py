@@ -1,0 +1,1 @@
+"""Model export: ONNX with a dynamic batch axis, checked against the PyTorch model in onnxruntime."""

@@ -1,0 +1,80 @@
+"""`faceforge export`: a trained backbone as ONNX (input `data` [batch, 3, 112, 112] in [-1, 1], output `embedding`
+[batch, D], batch dynamic), through torch.onnx's export, with a parity check against PyTorch in onnxruntime."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from faceforge.errors import FaceforgeError
+from faceforge.eval.model_eval import load_backbone, threshold_path
+from faceforge.fileio import atomic_write, resolve_weights
+
+PARITY_BATCHES = (1, 3)  # neither is the batch of the example input, so the batch axis is really exercised
+RTOL = 1e-4  # allowed max |onnx - torch| as a fraction of the largest output magnitude (at least 1)
+
+
+def export_onnx(model: nn.Module, out: str | Path, opset: int = 18) -> None:
+    """Write `model` (in eval mode) to `out` as ONNX with a dynamic batch axis; the file is replaced atomically."""
+    model = model.eval().cpu()
+    example = torch.zeros(2, 3, 112, 112)
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the exporter logs every optional op library it does not find
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model, (example,), None, input_names=["data"], output_names=["embedding"], opset_version=opset,
+                dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
+            )
+    finally:
+        quiet.setLevel(level)
+    atomic_write(out, lambda tmp: program.save(tmp))
+
+
+def check_parity(model: nn.Module, onnx_path: str | Path, seed: int = 0) -> dict:
+    """Run PyTorch and onnxruntime on the same random inputs at PARITY_BATCHES; FaceforgeError past the bound."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(seed)
+    model = model.eval().cpu()
+    worst, scale = 0.0, 1.0
+    for batch in PARITY_BATCHES:
+        x = torch.rand(batch, 3, 112, 112, generator=generator) * 2 - 1
+        with torch.no_grad():
+            expected = model(x).numpy()
+        got = session.run(None, {"data": x.numpy()})[0]
+        if got.shape != expected.shape:
+            raise FaceforgeError(f"{onnx_path}: ONNX output {got.shape} at batch {batch}, "
+                                 f"PyTorch gives {expected.shape}")
+        worst = max(worst, float(np.abs(got - expected).max()))
+        scale = max(scale, float(np.abs(expected).max()))
+    result = {"embedding_size": int(expected.shape[1]), "max_abs_diff": worst, "bound": RTOL * scale,
+              "batches": list(PARITY_BATCHES)}
+    if worst > result["bound"]:
+        raise FaceforgeError(f"{onnx_path}: ONNX and PyTorch outputs differ by {worst:.3g} "
+                             f"(> bound {result['bound']:.3g})")
+    return result
+
+
+def export_weights(weights: str | Path, out: str | Path, backbone: str | None = None, opset: int = 18) -> dict:
+    """Export trained weights to ONNX, check parity, and copy their stored verify threshold beside the .onnx."""
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise FaceforgeError(f"--onnx wants a path ending in .onnx, got {out}")
+    model = load_backbone(weights, backbone)
+    export_onnx(model, out, opset)
+    result = {"onnx": str(out), "opset": opset, **check_parity(model, out)}
+    stored = threshold_path(resolve_weights(weights))
+    if stored.is_file():
+        atomic_write(threshold_path(out), lambda tmp: shutil.copyfile(stored, tmp))
+        result["threshold"] = str(threshold_path(out))
+    return result
