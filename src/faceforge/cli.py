@@ -1,4 +1,5 @@
-"""Command line: `faceforge demo | train | eval | synth | pack | pack-bin | bench`. User errors print one line."""
+"""Command line: `faceforge demo | train | eval | export | embed | verify | synth | pack | pack-bin | bench`.
+User errors print one line."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from faceforge.distributed import shutdown
     from faceforge.config import load_config
     from faceforge.engine.trainer import Trainer
 
@@ -30,24 +32,63 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise FaceforgeError("train needs a CONFIG.yaml (or --resume RUN_DIR)")
         trainer = Trainer.start(load_config(args.config, args.overrides))
     summary = trainer.fit()
+    shutdown()
     print(json.dumps(summary, default=float))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from faceforge.eval.model_eval import evaluate_weights, format_table
+    from faceforge.eval.model_eval import default_out_dir, evaluate_model, format_table, write_evaluation
 
-    rows = evaluate_weights(
-        args.weights, args.bins, backbone=args.backbone, batch_size=args.batch_size, device=args.device,
-        flip=not args.no_flip,
+    evaluation = evaluate_model(
+        args.weights, args.bins, args.ijb, backbone=args.backbone, batch_size=args.batch_size, device=args.device,
+        flip=not args.no_flip, workers=args.workers, threshold_far=args.threshold_far, progress=not args.no_progress,
     )
-    print(format_table(rows))
+    print(format_table(evaluation.rows))
+    report = write_evaluation(evaluation, args.out or default_out_dir(args.weights))
+    print(f"report: {report}")
     if args.json:
-        print(json.dumps(rows, default=float))
+        print(json.dumps(evaluation.rows, default=float))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from faceforge.export.onnx import export_weights
+
+    result = export_weights(args.weights, args.onnx, backbone=args.backbone, opset=args.opset)
+    print(f"wrote {result['onnx']}: onnxruntime vs PyTorch max abs difference {result['max_abs_diff']:.3g} "
+          f"(bound {result['bound']:.3g}, batches {result['batches']})")
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from faceforge.eval.embed import Embedder, embed_folder
+
+    embedder = Embedder(args.model, backbone=args.backbone, device=args.device, batch_size=args.batch_size)
+    print(json.dumps(embed_folder(embedder, args.images_dir, args.out, args.landmarks, normalize=not args.raw,
+                                  progress=not args.no_progress)))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from faceforge.eval.embed import Embedder, verify_pair
+
+    embedder = Embedder(args.model, backbone=args.backbone, device=args.device)
+    result = verify_pair(embedder, args.image_a, args.image_b, args.landmarks, args.threshold)
+    print(f"cosine {result['cosine']:.4f}: {'same' if result['same'] else 'different'} "
+          f"(threshold {result['threshold']:.4f})")
+    print(json.dumps(result))
     return 0
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    if args.ijb:
+        from faceforge.data.synthface_ijb import generate_ijb
+
+        print(json.dumps(generate_ijb(args.out_dir, subjects=args.subjects, probes_per_subject=args.probes_per_subject,
+                                      seed=args.seed, nuisance=args.nuisance, workers=args.workers)))
+        return 0
     from faceforge.config import SynthFaceConfig
     from faceforge.engine.datasets import ensure_synthface
 
@@ -126,18 +167,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="10-fold verification accuracy of a model on .bin pair sets")
+    p = sub.add_parser("eval", help="verification .bin sets and IJB-B/C folders -> one report (report.md, JSON, plots)")
     p.add_argument("weights", help="a run folder or a .safetensors checkpoint")
-    p.add_argument("--bin", dest="bins", action="append", required=True, help="verification .bin (repeatable)")
+    p.add_argument("--bin", dest="bins", action="append", default=[], help="verification .bin (repeatable)")
+    p.add_argument("--ijb", action="append", default=[], metavar="IJB_ROOT",
+                   help="IJB-B/C folder in InsightFace's layout: meta/, loose_crop/ (repeatable)")
+    p.add_argument("--out", help="report folder (default: <run folder>/eval, or eval/ beside the weights)")
+    p.add_argument("--threshold-far", type=float, default=1e-4,
+                   help="FAR of the verify threshold stored beside the weights (chosen on the first IJB set, "
+                        "else the first .bin set)")
     p.add_argument("--backbone", help="backbone name, when the weights have no run folder with config.yaml")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=0, help="image decoding / alignment processes for IJB")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-flip", action="store_true", help="skip flip-test fusion")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="also print the rows as one JSON line")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("synth", help="generate a SynthFace set (train.rec/.idx/property + heldout.bin)")
+    p = sub.add_parser("export", help="export trained weights to ONNX (dynamic batch), checked in onnxruntime")
+    p.add_argument("weights", help="a run folder or a .safetensors checkpoint")
+    p.add_argument("--onnx", required=True, help="output .onnx file")
+    p.add_argument("--backbone", help="backbone name, when the weights have no run folder with config.yaml")
+    p.add_argument("--opset", type=int, default=18)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("embed", help="embed the face images of a folder (flip-fused, L2-normalised) into a .npy")
+    p.add_argument("images_dir")
+    p.add_argument("--out", required=True, help="output .npy ([N, D] float32); row names go to the same path .txt")
+    p.add_argument("--model", required=True, help="run folder, .safetensors or exported .onnx")
+    p.add_argument("--landmarks", help="file of 'relative/path.jpg x1 y1 ... x5 y5' lines: align raw images "
+                                       "(without it the images must be aligned 112x112 crops)")
+    p.add_argument("--raw", action="store_true", help="keep the embedding norms (no L2 normalisation)")
+    p.add_argument("--backbone", help="backbone name, when the weights have no run folder with config.yaml")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("verify", help="cosine of two face images and same/different at the model's stored threshold")
+    p.add_argument("image_a")
+    p.add_argument("image_b")
+    p.add_argument("--model", required=True, help="run folder, .safetensors or exported .onnx")
+    p.add_argument("--threshold", type=float, help="decide at this cosine instead of the threshold stored by eval")
+    p.add_argument("--landmarks", help="5-point landmarks file (keys: the paths as given, or file names)")
+    p.add_argument("--backbone", help="backbone name, when the weights have no run folder with config.yaml")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("synth", help="generate a SynthFace set (train.rec/.idx/property + heldout.bin), "
+                                     "or with --ijb a SynthFace IJB folder")
     p.add_argument("out_dir")
+    p.add_argument("--ijb", action="store_true", help="IJB layout: loose crops, 5 points, templates, pairs, galleries")
+    p.add_argument("--subjects", type=int, default=200, help="--ijb: subjects (one gallery template each)")
+    p.add_argument("--probes-per-subject", type=int, default=2, help="--ijb: probe templates per subject")
     p.add_argument("--identities", type=int, default=1500)
     p.add_argument("--images-per-id", type=int, default=12)
     p.add_argument("--eval-identities", type=int, default=600)
