@@ -1,6 +1,7 @@
 """Classification heads: each owns its class centres and returns a HeadOutput (see base.py)."""
 
 from faceforge.heads.base import ClassShard, Head, HeadOutput
+from faceforge.heads.gif import GIF
 from faceforge.heads.margin import ArcFace, CombinedMargin, CosFace, Softmax
 from faceforge.heads.sphereface2 import SphereFace2
 from faceforge.heads.unpg import UNPG
@@ -28,5 +29,5 @@ def build_head(name: str, embedding_size: int, num_classes: int, unpg: dict | No
 
 
 __all__ = [
-    "ArcFace", "ClassShard", "CombinedMargin", "CosFace", "Head", "HeadOutput", "Softmax", "SphereFace2", "UNPG", "build_head",
+    "ArcFace", "ClassShard", "CombinedMargin", "CosFace", "GIF", "Head", "HeadOutput", "Softmax", "SphereFace2", "UNPG", "build_head",
 ]
