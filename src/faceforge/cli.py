@@ -1,4 +1,4 @@
-"""Command line: `faceforge demo | train | eval | export | embed | verify | synth | pack | pack-bin | bench`.
+"""Command line: `faceforge demo | train | eval | export | embed | verify | synth | tokenize | pack | pack-bin | bench`.
 User errors print one line."""
 
 from __future__ import annotations
@@ -98,6 +98,19 @@ def cmd_synth(args: argparse.Namespace) -> int:
     )
     out = ensure_synthface(cfg, out_dir=Path(args.out_dir), workers=args.workers)
     print(json.dumps(json.loads((out / "synthface.json").read_text())))
+    return 0
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from faceforge.tokenizer.pipeline import tokenize_dataset
+
+    summary = tokenize_dataset(
+        args.data, args.source, args.v, args.out, epochs=args.epochs, seed=args.seed, t=args.t, lr=args.lr,
+        subset=args.subset, length=args.length, dim=args.dim, backbone=args.backbone,
+        images_per_identity=args.images_per_id, batch_size=args.batch_size, workers=args.workers,
+        pixel_mean=args.pixel_mean, pixel_std=args.pixel_std, device=args.device, progress=not args.no_progress,
+    )
+    print(json.dumps(summary))
     return 0
 
 
@@ -230,6 +243,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nuisance", type=float, default=0.75)
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("tokenize", help="GIF identity codes: prototypes, uniformity spreading, balanced k-means")
+    p.add_argument("--data", required=True, help="training set: a .rec folder, an image folder or 'synthface'")
+    p.add_argument("--source", required=True,
+                   help="'random', a run folder / .safetensors checkpoint, or an .onnx image encoder")
+    p.add_argument("--v", type=int, default=16, help="vocabulary size (branches per k-means level)")
+    p.add_argument("--out", required=True, help="codes file (.safetensors)")
+    p.add_argument("--epochs", type=int, default=1000, help="uniformity-spreading epochs (0: none)")
+    p.add_argument("--t", type=float, default=2.0, help="Gaussian-potential temperature")
+    p.add_argument("--lr", type=float, default=0.1, help="spreading SGD learning rate")
+    p.add_argument("--subset", type=int, default=2048, help="identities per spreading step")
+    p.add_argument("--length", type=int, help="code length l (default: ceil(log_v N))")
+    p.add_argument("--dim", type=int, default=512, help="prototype dimension for --source random")
+    p.add_argument("--backbone", help="backbone name, when a checkpoint has no run folder with config.yaml")
+    p.add_argument("--images-per-id", type=int, help="images per identity for the mean embedding (default: all)")
+    p.add_argument("--pixel-mean", type=float, nargs=3, default=[0.5, 0.5, 0.5], help="ONNX encoder input mean")
+    p.add_argument("--pixel-std", type=float, nargs=3, default=[0.5, 0.5, 0.5], help="ONNX encoder input std")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("pack", help="pack an image folder (one sub-folder per identity) into train.rec/.idx/property")
     p.add_argument("image_root")
