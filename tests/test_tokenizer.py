@@ -1,5 +1,6 @@
 """GIF tokenizer: unique in-range codes, shared prefixes for similar prototypes, spreading, codes file, pipeline."""
 
+import json
 import warnings
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from faceforge.cli import main
 from faceforge.data.record_dataset import RecordDataset
 from faceforge.errors import ConfigError, DataError
 from faceforge.tokenizer import (
@@ -126,6 +128,16 @@ def test_tokenize_random_source(tiny_data, tmp_path):
     assert book.meta["source"] == "random" and book.meta["epochs"] == "5"
     with pytest.raises(ConfigError, match="--source 'model.pt'"):
         tokenize_dataset(tiny_data, "model.pt", v=3, out=out, progress=False)
+
+
+def test_tokenize_command_writes_codes_and_reports_bad_input(tiny_data, tmp_path, capsys):
+    out = tmp_path / "cli.safetensors"
+    common = ["tokenize", "--data", str(tiny_data), "--source", "random", "--dim", "16", "--epochs", "2",
+              "--no-progress", "--device", "cpu"]
+    assert main(common + ["--v", "3", "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["l"] == 2 and load_codes(out).codes.shape == (8, 2)
+    assert main(common + ["--v", "1", "--out", str(tmp_path / "bad.safetensors")]) != 0
+    assert "--v must be >= 2" in capsys.readouterr().err and not (tmp_path / "bad.safetensors").exists()
 
 
 def _mean_colour(images):
