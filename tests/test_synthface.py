@@ -9,7 +9,7 @@ from faceforge.data.binsets import load_bin
 from faceforge.data.images import decode_image
 from faceforge.data.recordio import RecordReader
 from faceforge.data.synthface_render import render_images, stack_params
-from faceforge.errors import DataError
+from faceforge.errors import ConfigError, DataError
 
 TINY = dict(identities=6, images_per_id=3, eval_identities=20, eval_images_per_id=2, pairs=20, progress=False)
 FILES = ("train/train.rec", "train/train.idx", "train/property", "heldout.bin", "synthface.json")
@@ -106,7 +106,7 @@ def test_refuses_foreign_folder_and_bad_counts(tmp_path):
     with pytest.raises(DataError, match="not a SynthFace set"):
         synthface.generate(tmp_path, workers=1, **TINY)
     assert (tmp_path / "notes.txt").read_text() == "mine"
-    with pytest.raises(ValueError, match="multiple of 20"):
+    with pytest.raises(ConfigError, match="multiple of 20"):
         synthface.generate(tmp_path / "x", **{**TINY, "pairs": 30})
 
 

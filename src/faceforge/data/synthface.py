@@ -27,7 +27,7 @@ from faceforge.data.recordio import write_insightface_set
 from faceforge.data.synthface_render import (
     SIZE, Params, render_images, sample_identity, sample_nuisance, stack_params,
 )
-from faceforge.errors import DataError
+from faceforge.errors import ConfigError, DataError
 
 VERSION = 1
 TRAIN, HELDOUT, PAIRS = 0, 1, 2
@@ -132,17 +132,17 @@ def generate(
 def _check(p: dict) -> None:
     for key in ("identities", "images_per_id", "eval_identities", "eval_images_per_id", "pairs", "seed"):
         if not isinstance(p[key], (int, np.integer)) or p[key] < (key != "seed"):
-            raise ValueError(f"{key} must be a {'non-negative' if key == 'seed' else 'positive'} integer, got {p[key]!r}")
+            raise ConfigError(f"{key} must be a {'non-negative' if key == 'seed' else 'positive'} integer, got {p[key]!r}")
     if p["pairs"] % (2 * FOLDS):
-        raise ValueError(f"pairs must be a multiple of {2 * FOLDS} (10 folds, half genuine), got {p['pairs']}")
+        raise ConfigError(f"pairs must be a multiple of {2 * FOLDS} (10 folds, half genuine), got {p['pairs']}")
     if p["eval_identities"] < 2 * FOLDS or p["eval_images_per_id"] < 2:
-        raise ValueError(f"pairs need >= {2 * FOLDS} eval identities and >= 2 eval images per identity")
+        raise ConfigError(f"pairs need >= {2 * FOLDS} eval identities and >= 2 eval images per identity")
     smallest, k = p["eval_identities"] // FOLDS, p["eval_images_per_id"]
     if p["pairs"] // (2 * FOLDS) > min(smallest * k * (k - 1) // 2, smallest * (smallest - 1) // 2 * k * k):
-        raise ValueError(f"{p['pairs']} pairs need more eval identities or images than "
+        raise ConfigError(f"{p['pairs']} pairs need more eval identities or images than "
                          f"{p['eval_identities']} x {p['eval_images_per_id']}")
     if not 0.0 <= p["nuisance"] <= 2.0:
-        raise ValueError(f"nuisance must be in [0, 2], got {p['nuisance']}")
+        raise ConfigError(f"nuisance must be in [0, 2], got {p['nuisance']}")
 
 
 def _cached(out: Path, params: dict) -> dict | None:
