@@ -18,6 +18,12 @@ from faceforge.errors import ConfigError, DataError
 LATEST = "latest.json"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
     """Call write(tmp_path) on a temp file beside `path`, then rename it over `path`: readers never see half a file."""
     path = Path(path)
@@ -26,6 +32,7 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result gets a normal file's permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
