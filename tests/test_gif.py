@@ -15,15 +15,6 @@ from faceforge.tokenizer import Codebook, build_codes, load_codes, save_codes
 from faceforge.tokenizer.pipeline import tokenize_dataset
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread beats two contended ones many times over."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _digits(n: int, v: int, length: int) -> torch.Tensor:
     """Codes that spell 0..n-1 in base v: unique whatever the prototypes."""
     ids = torch.arange(n)

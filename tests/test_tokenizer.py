@@ -18,15 +18,6 @@ from faceforge.tokenizer.pipeline import tokenize_dataset
 from faceforge.tokenizer.prototypes import mean_embeddings, onnx_encoder
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread beats two contended ones many times over."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _assert_valid(codes, n, v):
     assert codes.dtype == torch.long and codes.shape == (n, code_length(n, v))
     assert int(codes.min()) >= 0 and int(codes.max()) < v
