@@ -53,10 +53,11 @@ def build_codes(
     node = torch.zeros(n, dtype=torch.long, device=x.device)
     num_nodes = 1
     codes = torch.empty(n, length, dtype=torch.long, device=x.device)
+    directions = torch.empty_like(x)  # the one N×D buffer reused by every level: N×D may be 2M×512 (4 GB)
     for depth in range(length):
         counts = torch.bincount(node, minlength=num_nodes).clamp_min(1)
         means = torch.zeros(num_nodes, x.shape[1], device=x.device).index_add_(0, node, x) / counts[:, None]
-        directions = means[node].neg_().add_(x)  # in place: one N×D temporary, as N×D may be 2M×512
+        torch.index_select(means, 0, node, out=directions).neg_().add_(x)
         directions.div_(directions.norm(dim=1, keepdim=True).clamp_min(1e-12))
         picked = torch.randperm(n, generator=gen)[:sample].to(x.device)
         anchors = spherical_kmeans(directions[picked], v, gen, iters)
