@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -108,25 +109,17 @@ def generate(
               "eval_images_per_id": eval_images_per_id, "pairs": pairs, "seed": seed, "nuisance": nuisance}
     _check(params)
     params = {k: float(v) if k == "nuisance" else int(v) for k, v in params.items()}
-    out = Path(out_dir)
-    cached = _cached(out, params)
-    if cached is not None:
-        return cached
     meta = {"format": "synthface", "version": VERSION, "params": params, "counts": {
         "train_images": identities * images_per_id, "train_classes": identities,
         "eval_images": eval_identities * eval_images_per_id, "pairs": pairs, "genuine_pairs": pairs // 2,
         "folds": FOLDS, "image_size": SIZE},
         "files": ["train/train.rec", "train/train.idx", "train/property", "heldout.bin"]}
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+
+    def write(tmp: Path) -> dict:
         _write(tmp, params, workers, progress)
-        (tmp / "synthface.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        _publish(tmp, out, params)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return _cached(out, params) or meta
+        return meta
+
+    return STAMP.build(Path(out_dir), params, write)
 
 
 def _check(p: dict) -> None:
@@ -145,29 +138,55 @@ def _check(p: dict) -> None:
         raise ConfigError(f"nuisance must be in [0, 2], got {p['nuisance']}")
 
 
-def _cached(out: Path, params: dict) -> dict | None:
-    """The metadata of the finished set at `out` when it matches `params`; DataError if `out` is something else."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return None
-    try:
-        meta = json.loads((out / "synthface.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise DataError(f"{out}: exists and is not a SynthFace set (no readable synthface.json)") from None
-    if meta.get("version") != VERSION or meta.get("params") != params:
-        raise DataError(f"{out}: holds a SynthFace set made with other parameters ({meta.get('params')}); "
-                        "remove it or choose another folder")
-    return meta
+@dataclass(frozen=True)
+class SetStamp:
+    """How a generated set marks its folder: the metadata file, the format version and its name in errors.
+
+    `build` writes into a temporary folder and renames it, so `out` holds a whole set or nothing.
+    """
+
+    info: str
+    version: int
+    kind: str
+
+    def cached(self, out: Path, params: dict) -> dict | None:
+        """The metadata of the finished set at `out` when it matches `params`; DataError if `out` is something else."""
+        if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+            return None
+        try:
+            meta = json.loads((out / self.info).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise DataError(f"{out}: exists and is not a {self.kind} (no readable {self.info})") from None
+        if meta.get("version") != self.version or meta.get("params") != params:
+            raise DataError(f"{out}: holds a {self.kind} made with other parameters ({meta.get('params')}); "
+                            "remove it or choose another folder")
+        return meta
+
+    def build(self, out: Path, params: dict, write: Callable[[Path], dict]) -> dict:
+        """The set at `out`: the cached one, else write(tmp) fills a temporary folder and returns the metadata,
+        and the folder is renamed to `out` (another process finishing the same set first is fine)."""
+        cached = self.cached(out, params)
+        if cached is not None:
+            return cached
+        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir(parents=True)
+            meta = write(tmp)
+            (tmp / self.info).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            if out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                if self.cached(out, params) is None:
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return self.cached(out, params) or meta
 
 
-def _publish(tmp: Path, out: Path, params: dict) -> None:
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        # Another process finished the same set first: keep theirs if it matches.
-        if _cached(out, params) is None:
-            raise
+STAMP = SetStamp("synthface.json", VERSION, "SynthFace set")
 
 
 def _write(root: Path, p: dict, workers: int, progress: bool) -> None:
@@ -176,8 +195,8 @@ def _write(root: Path, p: dict, workers: int, progress: bool) -> None:
     heldout = _chunks(p["seed"], HELDOUT, p["eval_identities"], p["eval_images_per_id"], nuisance)
     total = p["identities"] * p["images_per_id"] + p["eval_identities"] * p["eval_images_per_id"]
     with tqdm(total=total, desc="SynthFace", unit="img", disable=not progress) as bar, \
-            _mapper(workers) as mapper:
-        results = mapper(render_identities, *zip(*(train + heldout)))
+            mapper(workers) as pool_map:
+        results = pool_map(render_identities, *zip(*(train + heldout)))
 
         def samples() -> Iterator[tuple[bytes, int]]:
             for (_, _, first, _, per_id, _), images in zip(train, islice(results, len(train))):
@@ -201,7 +220,7 @@ def _chunks(seed: int, split: int, identities: int, per_id: int, nuisance: float
 
 
 @contextmanager
-def _mapper(workers: int) -> Iterator[Callable]:
+def mapper(workers: int) -> Iterator[Callable]:
     """An ordered `map`: in this process for workers <= 1, else over a spawn pool that stops at once on errors."""
     if workers <= 1:
         yield map

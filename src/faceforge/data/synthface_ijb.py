@@ -9,27 +9,23 @@ Landmarks are the projected centres of the rendered eyes, nose tip and mouth cor
 
 from __future__ import annotations
 
-import json
-import multiprocessing
 import os
-import shutil
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from faceforge.data.images import encode_jpeg
-from faceforge.data.synthface import identity_params
+from faceforge.data.synthface import SetStamp, identity_params, mapper
 from faceforge.data.synthface_render import SIZE, Params, render_images, sample_nuisance, stack_params
-from faceforge.errors import ConfigError, DataError
+from faceforge.errors import ConfigError
 
 VERSION = 1
 IJB_SPLIT = 3
 PREFIX = "synthijb"
 _SUBJECTS_PER_TASK = 8
 _LANDMARK_NOISE_PX = 0.8
+STAMP = SetStamp("synthface_ijb.json", VERSION, "SynthFace IJB set")
 
 
 def landmarks(identity: Params, nuisance: Params) -> np.ndarray:
@@ -104,15 +100,6 @@ def _render_task(args: tuple) -> list:
     return [render_subject(seed, s, probes, nuisance) for s in range(first, first + count)]
 
 
-def _rendered(tasks: list[tuple], workers: int) -> Iterator[list]:
-    """render_subject results of each task, in order: in this process, or over a pool of spawned workers."""
-    if workers <= 1:
-        yield from map(_render_task, tasks)
-        return
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield from pool.map(_render_task, tasks)
-
-
 def generate_ijb(
     out_dir: str | os.PathLike,
     subjects: int = 200,
@@ -127,36 +114,20 @@ def generate_ijb(
     if subjects < 2 or probes_per_subject < 1:
         raise ConfigError(f"need >= 2 subjects and >= 1 probe template each, got {subjects} and {probes_per_subject}")
     params = {"subjects": subjects, "probes_per_subject": probes_per_subject, "seed": seed, "nuisance": float(nuisance)}
-    out = Path(out_dir)
-    info = out / "synthface_ijb.json"
-    if out.exists() and any(out.iterdir()):
-        try:
-            meta = json.loads(info.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise DataError(f"{out}: exists and is not a SynthFace IJB set (no readable {info.name})") from None
-        if meta.get("version") != VERSION or meta.get("params") != params:
-            raise DataError(f"{out}: holds a SynthFace IJB set made with other parameters ({meta.get('params')})")
-        return meta
     tasks = [(seed, first, min(_SUBJECTS_PER_TASK, subjects - first), probes_per_subject, float(nuisance))
              for first in range(0, subjects, _SUBJECTS_PER_TASK)]
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        (tmp / "loose_crop").mkdir(parents=True)
+
+    def write(tmp: Path) -> dict:
+        (tmp / "loose_crop").mkdir()
         rendered: list = []
-        with tqdm(total=subjects, desc="SynthFace IJB", unit="subject", disable=not progress) as bar:
-            for chunk in _rendered(tasks, workers):
+        with tqdm(total=subjects, desc="SynthFace IJB", unit="subject", disable=not progress) as bar, \
+                mapper(workers) as pool_map:
+            for chunk in pool_map(_render_task, tasks):
                 rendered += chunk
                 bar.update(len(chunk))
-        counts = _write(tmp, rendered)
-        meta = {"format": "synthface_ijb", "version": VERSION, "params": params, "counts": counts}
-        (tmp / info.name).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        if out.is_dir():
-            out.rmdir()
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return meta
+        return {"format": "synthface_ijb", "version": VERSION, "params": params, "counts": _write(tmp, rendered)}
+
+    return STAMP.build(Path(out_dir), params, write)
 
 
 def _write(root: Path, subjects: list[list[list[list[tuple]]]]) -> dict:
