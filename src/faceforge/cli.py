@@ -166,6 +166,20 @@ def cmd_bench_head(args: argparse.Namespace) -> int:
     return 0
 
 
+_BACKBONE_HELP = "backbone name, when the weights have no run folder with config.yaml"
+
+
+def _model_options(p: argparse.ArgumentParser, batch_size: int | None = None, progress: bool = False) -> None:
+    """The options of every command that runs trained weights: --backbone, --device, and when asked
+    --batch-size (with this default) and --no-progress."""
+    p.add_argument("--backbone", help=_BACKBONE_HELP)
+    p.add_argument("--device", default="auto")
+    if batch_size is not None:
+        p.add_argument("--batch-size", type=int, default=batch_size)
+    if progress:
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="faceforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -189,19 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold-far", type=float, default=1e-4,
                    help="FAR of the verify threshold stored beside the weights (chosen on the first IJB set, "
                         "else the first .bin set)")
-    p.add_argument("--backbone", help="backbone name, when the weights have no run folder with config.yaml")
-    p.add_argument("--batch-size", type=int, default=256)
+    _model_options(p, batch_size=256, progress=True)
     p.add_argument("--workers", type=int, default=0, help="image decoding / alignment processes for IJB")
-    p.add_argument("--device", default="auto")
     p.add_argument("--no-flip", action="store_true", help="skip flip-test fusion")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="also print the rows as one JSON line")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="export trained weights to ONNX (dynamic batch), checked in onnxruntime")
     p.add_argument("weights", help="a run folder or a .safetensors checkpoint")
     p.add_argument("--onnx", required=True, help="output .onnx file")
-    p.add_argument("--backbone", help="backbone name, when the weights have no run folder with config.yaml")
+    p.add_argument("--backbone", help=_BACKBONE_HELP)
     p.add_argument("--opset", type=int, default=18)
     p.set_defaults(func=cmd_export)
 
@@ -212,10 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--landmarks", help="file of 'relative/path.jpg x1 y1 ... x5 y5' lines: align raw images "
                                        "(without it the images must be aligned 112x112 crops)")
     p.add_argument("--raw", action="store_true", help="keep the embedding norms (no L2 normalisation)")
-    p.add_argument("--backbone", help="backbone name, when the weights have no run folder with config.yaml")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _model_options(p, batch_size=64, progress=True)
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("verify", help="cosine of two face images and same/different at the model's stored threshold")
@@ -224,8 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="run folder, .safetensors or exported .onnx")
     p.add_argument("--threshold", type=float, help="decide at this cosine instead of the threshold stored by eval")
     p.add_argument("--landmarks", help="5-point landmarks file (keys: the paths as given, or file names)")
-    p.add_argument("--backbone", help="backbone name, when the weights have no run folder with config.yaml")
-    p.add_argument("--device", default="auto")
+    _model_options(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("synth", help="generate a SynthFace set (train.rec/.idx/property + heldout.bin), "
@@ -256,15 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", type=int, default=2048, help="identities per spreading step")
     p.add_argument("--length", type=int, help="code length l (default: ceil(log_v N))")
     p.add_argument("--dim", type=int, default=512, help="prototype dimension for --source random")
-    p.add_argument("--backbone", help="backbone name, when a checkpoint has no run folder with config.yaml")
     p.add_argument("--images-per-id", type=int, help="images per identity for the mean embedding (default: all)")
     p.add_argument("--pixel-mean", type=float, nargs=3, default=[0.5, 0.5, 0.5], help="ONNX encoder input mean")
     p.add_argument("--pixel-std", type=float, nargs=3, default=[0.5, 0.5, 0.5], help="ONNX encoder input std")
-    p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _model_options(p, batch_size=256, progress=True)
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("pack", help="pack an image folder (one sub-folder per identity) into train.rec/.idx/property")
