@@ -155,19 +155,12 @@ def _train_single(raw_cfg, until, resume, tmp_path):
     (tmp_path / "summary-1.json").write_text(json.dumps({"step": trainer.state.step}))
 
 
-def test_checkpoint_saved_at_two_processes_resumes_at_three_and_one(tiny_data, tmp_path):
+def test_checkpoint_saved_at_two_processes_resumes_at_three_and_one(tiny_config, tmp_path):
     import shutil
 
     from faceforge.fileio import latest_checkpoint, load_weights
 
-    raw = {
-        "backbone": {"name": "tiny", "embedding_size": 16, "stem": 8, "widths": [8, 16, 16]},
-        "head": {"name": "arcface", "s": 16.0, "m": 0.2},
-        "data": {"root": str(tiny_data), "val_bins": [str(tiny_data / "val.bin")], "num_workers": 0},
-        "optim": {"lr": 0.05},
-        "train": {"batch_size": 4, "max_steps": 6, "log_every": 1, "progress_bar": False,
-                  "out_dir": str(tmp_path / "runs"), "run_name": "k2", "dist_timeout_s": 60},
-    }
+    raw = tiny_config(train={"batch_size": 4, "run_name": "k2", "dist_timeout_s": 60}).to_dict()
     _spawn_training(2, raw, 3, None, tmp_path)
     run = tmp_path / "runs" / "k2"
     weights, _ = latest_checkpoint(run)
@@ -205,14 +198,9 @@ def _dying_worker(rank, world, port, raw_cfg, result_dir):
             f.write(f"{type(exc).__name__}: {exc}")
 
 
-def test_a_dead_rank_ends_the_others_with_a_clear_error(tiny_data, tmp_path):
-    raw = {
-        "backbone": {"name": "tiny", "embedding_size": 16, "stem": 8, "widths": [8, 16, 16]},
-        "head": {"name": "arcface", "s": 16.0, "m": 0.2},
-        "data": {"root": str(tiny_data), "num_workers": 0},
-        "train": {"batch_size": 4, "max_steps": 4, "progress_bar": False, "out_dir": str(tmp_path / "runs"),
-                  "run_name": "dies", "dist_timeout_s": 5},
-    }
+def test_a_dead_rank_ends_the_others_with_a_clear_error(tiny_config, tmp_path):
+    raw = tiny_config(data={"val_bins": []},
+                      train={"batch_size": 4, "max_steps": 4, "run_name": "dies", "dist_timeout_s": 5}).to_dict()
     spawn = mp.get_context("spawn")
     port = _free_port()
     procs = [spawn.Process(target=_dying_worker, args=(r, 2, port, raw, str(tmp_path))) for r in range(2)]
