@@ -15,7 +15,8 @@ from faceforge.tokenizer import (
     Codebook, build_codes, code_length, gaussian_potential, load_codes, neighbour_overlap, save_codes, spread,
 )
 from faceforge.tokenizer.pipeline import tokenize_dataset
-from faceforge.tokenizer.prototypes import mean_embeddings, onnx_encoder
+from faceforge.export.onnx import onnx_encoder
+from faceforge.tokenizer.prototypes import mean_embeddings
 
 
 def _assert_valid(codes, n, v):

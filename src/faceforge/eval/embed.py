@@ -17,6 +17,7 @@ from faceforge.data.pack import read_landmarks
 from faceforge.errors import ConfigError, DataError
 from faceforge.eval.model_eval import load_backbone, threshold_path
 from faceforge.eval.verification import embed_images
+from faceforge.export.onnx import FACE_NORM, onnx_encoder
 from faceforge.fileio import atomic_write, resolve_weights
 from faceforge.runtime import pick_device
 
@@ -33,28 +34,23 @@ class Embedder:
         path = Path(model)
         self.batch_size = batch_size
         if path.suffix == ".onnx":
-            import onnxruntime
-
             if not path.is_file():
                 raise ConfigError(f"ONNX model not found: {path}")
             self.file = path
-            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            self.input = self.session.get_inputs()[0].name
+            self.encode = onnx_encoder(path, FACE_NORM, FACE_NORM)
         else:
             self.file = resolve_weights(path)
             self.device = pick_device(device)
             self.model = load_backbone(path, backbone).to(self.device)
-            self.session = None
+            self.encode = None
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        if self.session is None:
+        if self.encode is None:
             return embed_images(self.model, images, self.batch_size, self.device, flip=True)
         out = []
         for start in range(0, len(images), self.batch_size):
-            x = (images[start:start + self.batch_size].astype(np.float32) / 255 - 0.5) / 0.5
-            x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-            views = [self.session.run(None, {self.input: v})[0] for v in (x, np.ascontiguousarray(x[..., ::-1]))]
-            out.append(views[0] + views[1])
+            batch = images[start:start + self.batch_size]
+            out.append(self.encode(batch) + self.encode(batch[:, :, ::-1]))
         return np.concatenate(out).astype(np.float32)
 
     def threshold(self) -> dict:

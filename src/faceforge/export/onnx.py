@@ -1,23 +1,29 @@
 """`faceforge export`: a trained backbone as ONNX (input `data` [batch, 3, 112, 112] in [-1, 1], output `embedding`
-[batch, D], batch dynamic), through torch.onnx's export, with a parity check against PyTorch in onnxruntime."""
+[batch, D], batch dynamic), through torch.onnx's export, with a parity check against PyTorch in onnxruntime; and
+`onnx_encoder`, which runs such a file, or any ONNX image encoder, on uint8 face crops."""
 
 from __future__ import annotations
 
 import logging
 import shutil
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from faceforge.errors import FaceforgeError
+from faceforge.errors import ConfigError, DataError, FaceforgeError
 from faceforge.eval.model_eval import load_backbone, threshold_path
 from faceforge.fileio import atomic_write, resolve_weights
 
 PARITY_BATCHES = (1, 3)  # neither is the batch of the example input, so the batch axis is really exercised
 RTOL = 1e-4  # allowed max |onnx - torch| as a fraction of the largest output magnitude (at least 1)
+FACE_NORM = (0.5, 0.5, 0.5)  # pixel/255 → [-1, 1], the faceforge / InsightFace input scaling
+
+Encoder = Callable[[np.ndarray], np.ndarray | torch.Tensor]  # uint8 [B, 112, 112, 3] RGB -> [B, D]
 
 
 def export_onnx(model: nn.Module, out: str | Path, opset: int = 18) -> None:
@@ -78,3 +84,41 @@ def export_weights(weights: str | Path, out: str | Path, backbone: str | None = 
         atomic_write(threshold_path(out), lambda tmp: shutil.copyfile(stored, tmp))
         result["threshold"] = str(threshold_path(out))
     return result
+
+
+def onnx_encoder(path: str | Path, mean: Sequence[float], std: Sequence[float]) -> Encoder:
+    """An ONNX image encoder taking float [B, 3, H, W] RGB, (pixel/255 − mean) / std, and giving [B, D].
+
+    The 112×112 crops are resized bilinearly to the model's H×W when its input shape fixes one (224 for CLIP).
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ConfigError("an ONNX prototype source needs onnxruntime (pip install onnxruntime)") from None
+    try:
+        session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
+    except Exception as exc:  # onnxruntime raises its own exception types for unreadable or invalid models
+        raise DataError(f"cannot load ONNX model {path}: {exc}") from None
+    spec = session.get_inputs()[0]
+    shape = list(spec.shape)
+    if len(shape) != 4 or shape[1] != 3:
+        raise DataError(f"{path}: expected an image input [B, 3, H, W], got {shape}")
+    size = tuple(shape[2:]) if all(isinstance(d, int) for d in shape[2:]) else (112, 112)
+    fixed_batch = shape[0] if isinstance(shape[0], int) else None
+    dtype = np.float16 if spec.type == "tensor(float16)" else np.float32
+    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
+
+    def encode(images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+        if x.shape[2:] != size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        x = ((x - mean_t) / std_t).numpy().astype(dtype)
+        step = fixed_batch or len(x)
+        outs = [session.run(None, {spec.name: x[i : i + step]})[0] for i in range(0, len(x), step)]
+        out = np.concatenate(outs)
+        if out.ndim != 2:
+            raise DataError(f"{path}: the first output must be [B, D] embeddings, got shape {list(out.shape)}")
+        return out.astype(np.float32)
+
+    return encode

@@ -12,11 +12,9 @@ from faceforge.errors import ConfigError
 from faceforge.runtime import pick_device
 from faceforge.tokenizer.codebook import Codebook, save_codes
 from faceforge.tokenizer.kmeans import build_codes
-from faceforge.tokenizer.prototypes import checkpoint_encoder, mean_embeddings, onnx_encoder, random_prototypes
+from faceforge.export.onnx import FACE_NORM, onnx_encoder
+from faceforge.tokenizer.prototypes import checkpoint_encoder, mean_embeddings, random_prototypes
 from faceforge.tokenizer.spreading import neighbour_overlap, sampled_potential, spread
-
-FACE_NORM = (0.5, 0.5, 0.5)  # pixel/255 → [-1, 1], the faceforge / InsightFace input scaling
-
 
 def tokenize_dataset(
     data: str | Path,

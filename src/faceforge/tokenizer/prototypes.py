@@ -3,7 +3,6 @@ ONNX image encoder (CLIP or any other), or random directions on the sphere."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,8 @@ from faceforge.data.record_dataset import FaceImages
 from faceforge.errors import ConfigError, DataError
 from faceforge.eval.model_eval import load_backbone
 from faceforge.eval.verification import embed_images
+from faceforge.export.onnx import Encoder
 
-Encoder = Callable[[np.ndarray], np.ndarray | torch.Tensor]  # uint8 [B, 112, 112, 3] RGB -> [B, D]
 
 
 def random_prototypes(num_identities: int, dim: int, seed: int = 0) -> torch.Tensor:
@@ -31,44 +30,6 @@ def checkpoint_encoder(weights: str | Path, backbone: str | None, device: torch.
     """A faceforge backbone (run folder or .safetensors) as an encoder of uint8 face crops."""
     model = load_backbone(weights, backbone).to(device)
     return lambda images: embed_images(model, images, batch_size=batch_size, device=device, flip=False)
-
-
-def onnx_encoder(path: str | Path, mean: Sequence[float], std: Sequence[float]) -> Encoder:
-    """An ONNX image encoder taking float [B, 3, H, W] RGB, (pixel/255 − mean) / std, and giving [B, D].
-
-    The 112×112 crops are resized bilinearly to the model's H×W when its input shape fixes one (224 for CLIP).
-    """
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ConfigError("an ONNX prototype source needs onnxruntime (pip install onnxruntime)") from None
-    try:
-        session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
-    except Exception as exc:  # onnxruntime raises its own exception types for unreadable or invalid models
-        raise DataError(f"cannot load ONNX model {path}: {exc}") from None
-    spec = session.get_inputs()[0]
-    shape = list(spec.shape)
-    if len(shape) != 4 or shape[1] != 3:
-        raise DataError(f"{path}: expected an image input [B, 3, H, W], got {shape}")
-    size = tuple(shape[2:]) if all(isinstance(d, int) for d in shape[2:]) else (112, 112)
-    fixed_batch = shape[0] if isinstance(shape[0], int) else None
-    dtype = np.float16 if spec.type == "tensor(float16)" else np.float32
-    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
-
-    def encode(images: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-        if x.shape[2:] != size:
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        x = ((x - mean_t) / std_t).numpy().astype(dtype)
-        step = fixed_batch or len(x)
-        outs = [session.run(None, {spec.name: x[i : i + step]})[0] for i in range(0, len(x), step)]
-        out = np.concatenate(outs)
-        if out.ndim != 2:
-            raise DataError(f"{path}: the first output must be [B, D] embeddings, got shape {list(out.shape)}")
-        return out.astype(np.float32)
-
-    return encode
 
 
 def _collate(items: list) -> tuple[np.ndarray, np.ndarray] | None:
