@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from faceforge.errors import ConfigError
 from faceforge.eval.identify import CodeTrie, brute_force_identify, gif_decode, load_gif_head
 from faceforge.eval.model_eval import load_backbone
 from faceforge.eval.verification import embed_images
-from faceforge.runtime import pick_device
+from faceforge.runtime import pick_device, timed
 from faceforge.tokenizer.prototypes import checkpoint_encoder, mean_embeddings
 
 _RENDER_CHUNK = 48
@@ -52,16 +51,6 @@ def unseen_images(synthface: Path, identities: int, per_id: int) -> tuple[np.nda
     return np.stack(images), np.array([i for i, _ in pairs])
 
 
-def _timed(fn, device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return out, time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("weights", help="a GIF run folder or its .safetensors checkpoint")
@@ -77,17 +66,17 @@ def main() -> None:
     head = load_gif_head(args.weights).to(device).eval()
     backbone = load_backbone(args.weights).to(device)
     count = args.identities or head.num_classes
-    (images, labels), render_s = _timed(lambda: unseen_images(Path(args.synthface), count, args.queries_per_id),
-                                        torch.device("cpu"))
-    emb, embed_s = _timed(lambda: torch.from_numpy(embed_images(backbone, images, device=device, flip=False)), device)
+    (images, labels), render_s = timed(torch.device("cpu"), unseen_images, Path(args.synthface), count,
+                                       args.queries_per_id)
+    emb, embed_s = timed(device, lambda: torch.from_numpy(embed_images(backbone, images, device=device, flip=False)))
     emb, truth = emb.to(device), torch.from_numpy(labels).to(device)
-    trie, trie_s = _timed(lambda: CodeTrie(head.codes.to(device), head.v), device)
+    trie, trie_s = timed(device, lambda: CodeTrie(head.codes.to(device), head.v))
     common = {"bench": "gif_identify", "identities": head.num_classes, "queries": len(labels), "v": head.v,
               "l": head.length, "device": str(device), "threads": torch.get_num_threads(),
               "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
     print(json.dumps({**common, "row": "setup", "render_s": round(render_s, 1), "embed_s": round(embed_s, 1),
                       "trie_build_ms": round(1000 * trie_s, 2)}), flush=True)
-    (brute, _), brute_s = _timed(lambda: brute_force_identify(emb, head.code_vectors), device)
+    (brute, _), brute_s = timed(device, brute_force_identify, emb, head.code_vectors)
     print(json.dumps({**common, "row": "brute_force", "centres": "code_vectors",
                       "accuracy": round((brute == truth).float().mean().item(), 4),
                       "us_per_query": round(1e6 * brute_s / len(labels), 2)}), flush=True)
@@ -95,12 +84,12 @@ def main() -> None:
         encoder = checkpoint_encoder(args.weights, None, device, batch_size=256)
         dataset = RecordDataset(Path(args.synthface) / "train")
         gallery = mean_embeddings(dataset, head.num_classes, encoder, per_identity=args.gallery_per_id)[0].to(device)
-        (found, _), gallery_s = _timed(lambda: brute_force_identify(emb, gallery), device)
+        (found, _), gallery_s = timed(device, brute_force_identify, emb, gallery)
         print(json.dumps({**common, "row": "brute_force", "centres": f"gallery_mean_of_{args.gallery_per_id}",
                           "accuracy": round((found == truth).float().mean().item(), 4),
                           "us_per_query": round(1e6 * gallery_s / len(labels), 2)}), flush=True)
     for beam in args.beams:
-        (ids, _), decode_s = _timed(lambda: gif_decode(head, emb, beam=beam, trie=trie), device)
+        (ids, _), decode_s = timed(device, gif_decode, head, emb, beam=beam, trie=trie)
         print(json.dumps({**common, "row": "decode", "beam": beam,
                           "accuracy": round((ids == truth).float().mean().item(), 4),
                           "agreement_with_brute_force": round((ids == brute).float().mean().item(), 4),

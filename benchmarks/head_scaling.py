@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from faceforge.errors import ConfigError
 from faceforge.fileio import atomic_write
 from faceforge.heads import GIF, build_head
+from faceforge.runtime import synchronize
 from faceforge.tokenizer import code_length
 
 METHODS = {
@@ -93,15 +94,13 @@ def run_case(method: str, n: int, batch: int, dim: int, steps: int, device: str)
     for i in range(1 + steps):
         x = torch.randn(batch, dim, generator=gen).to(dev).requires_grad_()
         y = torch.randint(n, (batch,), generator=gen).to(dev)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        synchronize(dev)
         start = time.perf_counter()
         loss = head(x, y).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        synchronize(dev)
         if i:
             times.append(time.perf_counter() - start)
     if dev.type == "cuda":

@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 
 import numpy as np
 import torch
 
 from faceforge.eval.ijb_scoring import score_pairs
 from faceforge.eval.metrics import fast_tar_at_far, tar_at_far
+from faceforge.runtime import timed
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 GALLERY, PROBES, PAIRS, GENUINE, DIM = 3_531, 19_593, 15_658_489, 19_557, 512
@@ -52,12 +52,6 @@ def synthetic_ijbc(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     return feats, left[shuffle], right[shuffle], labels[shuffle]
 
 
-def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu")
@@ -65,6 +59,7 @@ def main() -> None:
     parser.add_argument("--baselines", action="store_true", help="also time per-pair gathering and sklearn's ROC")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     feats, left, right, labels = synthetic_ijbc()
     base = {"bench": "ijb_scoring", "templates": len(feats), "pairs": PAIRS, "genuine": GENUINE, "dim": DIM,
             "device": args.device, "cpu_threads": args.threads, "cpu": platform.processor() or platform.machine(),
@@ -73,21 +68,21 @@ def main() -> None:
     def report(case: str, seconds: float, **extra) -> None:
         print(json.dumps({**base, "case": case, "seconds": round(seconds, 3), **extra}), flush=True)
 
-    scores, t_score = timed(score_pairs, feats, left, right, device=args.device, method="blocked")
+    scores, t_score = timed(device, score_pairs, feats, left, right, device=args.device, method="blocked")
     report("score_pairs blocked", t_score, pairs_per_s=round(PAIRS / t_score))
-    tars, t_tar = timed(fast_tar_at_far, scores, labels, FARS)
+    tars, t_tar = timed(device, fast_tar_at_far, scores, labels, FARS)
     report("fast_tar_at_far interpolate", t_tar, tar_at_far={str(k): round(v, 5) for k, v in tars.items()})
-    nearest, t_near = timed(fast_tar_at_far, scores, labels, FARS, mode="nearest")
+    nearest, t_near = timed(device, fast_tar_at_far, scores, labels, FARS, mode="nearest")
     report("fast_tar_at_far nearest", t_near, tar_at_far={str(k): round(v, 5) for k, v in nearest.items()})
     report("total: blocked scoring + TAR@FAR (interpolate)", t_score + t_tar)
     if not args.baselines:
         return
-    gathered, t_gather = timed(score_pairs, feats, left, right, device=args.device, method="gather")
+    gathered, t_gather = timed(device, score_pairs, feats, left, right, device=args.device, method="gather")
     report("score_pairs gather (one dot product per pair)", t_gather, pairs_per_s=round(PAIRS / t_gather),
            max_abs_diff_vs_blocked=float(np.abs(gathered - scores).max()))
-    ref, t_ref = timed(tar_at_far, scores, labels, FARS)
+    ref, t_ref = timed(device, tar_at_far, scores, labels, FARS)
     report("sklearn roc_curve + tar_at_far interpolate", t_ref, identical_to_fast=ref == tars)
-    ref_near, t_ref = timed(tar_at_far, scores, labels, FARS, mode="nearest")
+    ref_near, t_ref = timed(device, tar_at_far, scores, labels, FARS, mode="nearest")
     report("sklearn roc_curve + tar_at_far nearest", t_ref, identical_to_fast=ref_near == nearest)
 
 

@@ -11,27 +11,16 @@ import argparse
 import json
 import platform
 import resource
-import time
 
 import torch
 
-from faceforge.runtime import pick_device
+from faceforge.runtime import pick_device, timed
 from faceforge.tokenizer import build_codes, check_codes, spread
 from faceforge.tokenizer.prototypes import random_prototypes
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _timed(device: torch.device, fn, *args):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    out = fn(*args)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return out, time.perf_counter() - start
 
 
 def main() -> None:
@@ -46,9 +35,9 @@ def main() -> None:
     for size in args.sizes:
         n = int(size)
         prototypes = random_prototypes(n, args.dim, seed=0).to(device)
-        vectors, spread_s = _timed(device, spread, prototypes, args.epochs)
+        vectors, spread_s = timed(device, spread, prototypes, args.epochs)
         del prototypes  # at 2M × 512 every copy is 4 GB
-        codes, kmeans_s = _timed(device, build_codes, vectors, args.v)
+        codes, kmeans_s = timed(device, build_codes, vectors, args.v)
         check_codes(codes, args.v, "benchmark")
         print(json.dumps({
             "bench": "tokenizer_scale", "identities": n, "dim": args.dim, "v": args.v, "l": codes.shape[1],

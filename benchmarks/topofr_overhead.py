@@ -18,22 +18,17 @@ import torch
 from faceforge.config import config_from_dict
 from faceforge.engine.step import build_parts, optimisation_step
 from faceforge.regularizers import TopoFR
-from faceforge.runtime import pick_device
+from faceforge.runtime import pick_device, synchronize
 from faceforge.topology import persistence0
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _seconds(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
     """Mean seconds per call over `repeat` calls, device synchronised at both ends."""
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeat):
         fn()
-    _sync(device)
+    synchronize(device)
     return (time.perf_counter() - start) / repeat
 
 

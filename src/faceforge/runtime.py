@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from faceforge.errors import ConfigError
@@ -28,3 +32,18 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA): timings must end when the work does."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    """fn(*args, **kwargs) and the seconds it took, the device synchronised before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    synchronize(device)
+    return out, time.perf_counter() - start
