@@ -42,16 +42,23 @@ if "test_linear" not in BACKBONES:
     BACKBONES.register("test_linear")(_Linear)
 
 
-def _parts(head: dict, par: Parallel | None = None):
+def _parts(head: dict, par: Parallel | None = None, dtype: torch.dtype = torch.float32):
+    """The step's parts; in float64 for the equality tests, so that K-process and one-process sums agree to
+    ~1e-15 whatever order a CPU's kernels add in (fp32 differs by ~1e-6 between orders, by CPU and thread count)."""
     cfg = config_from_dict({"backbone": {"name": "test_linear"}, "head": head,
                             "optim": {"lr": 0.1, "grad_clip": 0.0}, "train": {"device": "cpu"}})
     torch.manual_seed(0)
-    return build_parts(cfg, N, torch.device("cpu"), par)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are made in `dtype`, before DDP registers them
+    try:
+        return build_parts(cfg, N, torch.device("cpu"), par)
+    finally:
+        torch.set_default_dtype(default)
 
 
-def _batch(world: int):
+def _batch(world: int, dtype: torch.dtype = torch.float32):
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(world * B_LOCAL, 3, 8, 8, generator=g)
+    x = torch.randn(world * B_LOCAL, 3, 8, 8, generator=g, dtype=torch.float64).to(dtype)
     y = torch.randint(0, N, (world * B_LOCAL,), generator=g)
     y[1] = y[0]
     return x, y
@@ -65,14 +72,14 @@ def _grads(parts) -> dict[str, torch.Tensor]:
 
 def _worker(rank, world, init_file, head_name, result_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    parts = _parts(HEADS[head_name], Parallel(rank, world, 0, dist.group.WORLD))
+    parts = _parts(HEADS[head_name], Parallel(rank, world, 0, dist.group.WORLD), torch.float64)
     whole = torch.load(os.path.join(result_dir, "init.pt"))
     parts.backbone.load_state_dict({k[9:]: v for k, v in whole.items() if k.startswith("backbone.")})
     shard = parts.head.shard
     for name, p in parts.head.named_parameters():
         full = whole[f"head.{name}"]
         p.data.copy_(full[shard.start:shard.start + shard.count] if name in parts.head.class_parameters else full)
-    x, y = _batch(world)
+    x, y = _batch(world, torch.float64)
     rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
     metrics = optimisation_step(parts, x[rows], y[rows])
     torch.save({"loss": metrics["loss"], "grads": _grads(parts), "start": shard.start, "count": shard.count},
@@ -83,23 +90,27 @@ def _worker(rank, world, init_file, head_name, result_dir):
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("head_name", list(HEADS))
 def test_one_step_equals_single_process(head_name, world, tmp_path):
-    parts = _parts(HEADS[head_name])
+    """In float64: the sums only differ in order (~1e-16 relative per add), so 1e-10 leaves room for any CPU's
+    reduction order while a wrong factor (a missing or doubled rank's share) is off by O(1)."""
+    parts = _parts(HEADS[head_name], dtype=torch.float64)
     init = {f"backbone.{k}": v.clone() for k, v in parts.backbone.state_dict().items()}
     init.update({f"head.{k}": v.clone() for k, v in parts.head.state_dict().items()})
     torch.save(init, tmp_path / "init.pt")
-    x, y = _batch(world)
+    x, y = _batch(world, torch.float64)
     single = optimisation_step(parts, x, y)
     expected = _grads(parts)
     mp.spawn(_worker, args=(world, str(tmp_path / "init"), head_name, str(tmp_path)), nprocs=world, join=True)
     results = [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
+    close = {"rtol": 1e-10, "atol": 1e-12}
     for r in results:
-        assert r["loss"] == pytest.approx(single["loss"], rel=1e-5)
+        assert r["loss"] == pytest.approx(single["loss"], rel=1e-10)
         for key, grad in r["grads"].items():
+            assert grad.dtype == torch.float64, key
             if key.startswith("backbone.") or key not in {f"head.{n}" for n in parts.head.class_parameters}:
-                torch.testing.assert_close(grad, expected[key], rtol=1e-4, atol=1e-6)
+                torch.testing.assert_close(grad, expected[key], **close)
     for name in parts.head.class_parameters:
         whole = torch.cat([r["grads"][f"head.{name}"] for r in results])
-        torch.testing.assert_close(whole, expected[f"head.{name}"], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(whole, expected[f"head.{name}"], **close)
 
 
 def _free_port() -> int:

@@ -16,6 +16,7 @@ from faceforge.distributed import all_gather_nograd, all_gather_with_grad
 from faceforge.engine.optim import build_optimizer
 from faceforge.engine.parallel import Parallel, class_shard, sum_replicated_head_grads, wrap_backbone
 from faceforge.heads import Head, build_head
+from faceforge.heads.base import at_least_fp32
 from faceforge.registry import HEADS, REGULARIZERS
 from faceforge.runtime import autocast_dtype
 
@@ -121,7 +122,8 @@ def optimisation_step(parts: StepParts, x: torch.Tensor, y: torch.Tensor) -> dic
         embeddings = p.model(inputs)
     gathered = p.head_sees_global_batch
     group = p.par.group
-    head_in = all_gather_with_grad(embeddings.float(), group) if gathered else embeddings.float()
+    head_in = at_least_fp32(embeddings)
+    head_in = all_gather_with_grad(head_in, group) if gathered else head_in
     out = p.head(head_in, all_gather_nograd(y, group) if gathered else y)
     metrics, weights, reg_loss = dict(out.metrics), None, 0.0
     batch = {"images": x, "inputs": inputs, "labels": y}
