@@ -5,6 +5,7 @@ With one process (no torch.distributed initialised) every function is the identi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -65,3 +66,22 @@ def all_gather_nograd(x: torch.Tensor, group: Any = None) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts)
+
+
+def all_reduce_scalars(
+    values: Sequence[float] | torch.Tensor, op: dist.ReduceOp.RedOpType, group: Any, device: torch.device
+) -> torch.Tensor:
+    """A few numbers reduced over the group in one collective, as a float64 tensor on `device`.
+
+    `device` must be one the group's backend serves: NCCL serves CUDA tensors only, so a tensor made on the
+    CPU by default fails there ("No backend type associated with device type cpu"). Every scalar collective of
+    training (non-finite guard, time budget, stop signals) goes through here. No host read: the caller decides
+    when to look. Without torch.distributed the values come back unchanged.
+    """
+    if isinstance(values, torch.Tensor):
+        t = values.detach().to(device=device, dtype=torch.float64).reshape(-1).clone()
+    else:
+        t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    if is_distributed() and group is not None:
+        dist.all_reduce(t, op=op, group=group)
+    return t

@@ -23,12 +23,14 @@ from faceforge.heads import ClassShard, Head
 
 @dataclass(frozen=True)
 class Parallel:
-    """Where this process sits: rank, world size, local rank (its GPU) and the process group (None alone)."""
+    """Where this process sits: rank, world size, local rank (its GPU), the process group (None alone) and the
+    device its collectives take tensors on (NCCL: this rank's GPU; gloo: the CPU)."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     group: Any = None
+    device: torch.device = torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
@@ -54,7 +56,8 @@ def init_from_env(timeout_s: float) -> Parallel:
             torch.cuda.set_device(local_rank)
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return Parallel(dist.get_rank(), dist.get_world_size(), local_rank, dist.group.WORLD)
+    device = torch.device("cuda", local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return Parallel(dist.get_rank(), dist.get_world_size(), local_rank, dist.group.WORLD, device)
 
 
 def class_shard(num_classes: int, par: Parallel) -> ClassShard:
@@ -76,13 +79,37 @@ def _sum_hook(group, bucket):  # unannotated: DDP inspects a hook's annotations 
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
-def wrap_backbone(backbone: nn.Module, par: Parallel) -> nn.Module:
-    """DDP whose all-reduce sums the gradients (see the module docstring); the backbone itself alone."""
+def _compressed_sum_hook(state, bucket):
+    """The summing all-reduce on a bf16/fp16 copy of the bucket: half the bytes on the wire, sum semantics kept
+    (torch's own compress hooks average). The fp32 gradients get the rounded sum back."""
+    group, dtype = state
+    buffer = bucket.buffer()
+    work = dist.all_reduce(buffer.to(dtype), group=group, async_op=True)
+
+    def decompress(fut):
+        return buffer.copy_(fut.value()[0])
+
+    return work.get_future().then(decompress)
+
+
+def wrap_backbone(
+    backbone: nn.Module,
+    par: Parallel,
+    bucket_mb: float = 25.0,
+    static_graph: bool = False,
+    compress: torch.dtype | None = None,
+) -> nn.Module:
+    """DDP whose all-reduce sums the gradients (see the module docstring), sent as `compress` (bf16/fp16) when
+    given; the backbone itself alone."""
     if not par.active:
         return backbone
     ids = [par.local_rank] if next(backbone.parameters()).is_cuda else None
-    ddp = nn.parallel.DistributedDataParallel(backbone, device_ids=ids, forward_sync_buffers=False)
-    ddp.register_comm_hook(par.group, _sum_hook)
+    ddp = nn.parallel.DistributedDataParallel(backbone, device_ids=ids, forward_sync_buffers=False,
+                                              bucket_cap_mb=bucket_mb, static_graph=static_graph)
+    if compress is None:
+        ddp.register_comm_hook(par.group, _sum_hook)
+    else:
+        ddp.register_comm_hook((par.group, compress), _compressed_sum_hook)
     return ddp
 
 
