@@ -17,12 +17,14 @@ class HeadOutput:
     """What every head returns; the trainer minimises mean(sample_weights * per_sample_loss).
 
     `softmax` is set by heads whose loss is a softmax cross-entropy over the classes (what SDE reads).
+    `metrics` values may be 0-dim tensors still on the device: the trainer reads them to the host together, and
+    only on the steps it logs, so that a step needs no host synchronisation.
     """
 
     loss: torch.Tensor
     per_sample_loss: torch.Tensor
     logits_for_metrics: torch.Tensor | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
     softmax: "SoftmaxView | None" = None
 
 
@@ -60,12 +62,14 @@ class ClassSample:
 
 def sample_classes(shard: ClassShard, labels: torch.Tensor, rate: float) -> ClassSample | None:
     """PartialFC sampling: every class that a label in the batch needs plus a random `rate` fraction of the other
-    classes of this shard; None when nothing would be left out."""
+    classes of this shard; None when nothing would be left out (at rate 1 without touching the labels)."""
+    if rate >= 1.0:
+        return None
     local, owned = shard.local_labels(labels)
     count = shard.count
     positive = torch.zeros(count, dtype=torch.bool, device=labels.device).index_fill_(0, local[owned], True)
     others = count - int(positive.sum())
-    if rate >= 1.0 or others == 0:
+    if others == 0:
         return None
     keep = math.ceil(rate * others)
     score = torch.rand(count, device=labels.device).masked_fill_(positive, 2.0)
@@ -141,9 +145,9 @@ def replace_target(values: torch.Tensor, labels: torch.Tensor, target: torch.Ten
     return torch.where(onehot, target[:, None].to(values.dtype), values)
 
 
-def top1_accuracy(values: torch.Tensor, labels: torch.Tensor, shard: ClassShard) -> float:
-    """Fraction of rows whose target score is the largest over all classes."""
-    return (pick_target(values.detach(), labels, shard) >= class_max(values, shard)).float().mean().item()
+def top1_accuracy(values: torch.Tensor, labels: torch.Tensor, shard: ClassShard) -> torch.Tensor:
+    """Fraction of rows whose target score is the largest over all classes (0-dim, on the device)."""
+    return (pick_target(values.detach(), labels, shard) >= class_max(values, shard)).float().mean()
 
 
 @dataclass

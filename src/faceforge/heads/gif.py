@@ -17,7 +17,8 @@ from torch import nn
 
 from faceforge.errors import ConfigError
 from faceforge.heads.base import Head, HeadOutput, at_least_fp32
-from faceforge.heads.margin import ArcFace, CosFace, fp32_only
+from faceforge.heads.margin import ArcFace, CosFace
+from faceforge.runtime import fp32_only
 from faceforge.registry import HEADS
 from faceforge.tokenizer.codebook import Codebook, load_codes
 from faceforge.tokenizer.kmeans import build_codes
@@ -114,7 +115,7 @@ class GIF(Head):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
         self.check_input(embeddings, labels)
-        metrics: dict[str, float] = {}
+        metrics: dict[str, torch.Tensor] = {}
         with fp32_only(embeddings.device):
             z = F.normalize(at_least_fp32(embeddings), dim=1)
             target = self.codes[labels].long()
@@ -126,11 +127,10 @@ class GIF(Head):
                 token_loss = token_loss + F.cross_entropy(logits, target[:, j], reduction="none")
                 hits.append(cos.detach().argmax(dim=1) == target[:, j])
             hit = torch.stack(hits)
-            accuracy = torch.cat([hit.float().mean(dim=1), hit.all(dim=0).float().mean()[None]]).tolist()
-            metrics.update({f"tok{j}_acc": a for j, a in enumerate(accuracy[:-1])})
-            metrics["code_acc"] = accuracy[-1]
+            metrics.update({f"tok{j}_acc": a for j, a in enumerate(hit.float().mean(dim=1))})
+            metrics["code_acc"] = hit.all(dim=0).float().mean()
             per_sample = token_loss
-            metrics["token_ce"] = token_loss.detach().mean().item()
+            metrics["token_ce"] = token_loss.detach().mean()
             if self.code_vectors is not None and self.gamma > 0:
                 h = self.code_vectors[labels]
                 if self.joint:
@@ -140,12 +140,12 @@ class GIF(Head):
                 h = F.normalize(at_least_fp32(h), dim=1)
                 pull = 0.5 * ((z * h).sum(dim=1) - 1.0).square()
                 per_sample = per_sample + self.gamma * pull
-                metrics["pull"] = pull.detach().mean().item()
+                metrics["pull"] = pull.detach().mean()
             if self.joint and self.uniformity > 0 and self.training:
                 potential = self._potential(labels)
                 # Added to every sample so that losses reweighted per sample (SDE) keep it too.
                 per_sample = per_sample + self.uniformity * potential
-                metrics["uniformity"] = potential.item()
+                metrics["uniformity"] = potential.detach()
         return HeadOutput(loss=per_sample.mean(), per_sample_loss=per_sample, metrics=metrics)
 
     def _potential(self, labels: torch.Tensor) -> torch.Tensor:

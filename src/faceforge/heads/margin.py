@@ -19,13 +19,9 @@ from faceforge.heads.base import (
     softmax_cross_entropy,
 )
 from faceforge.registry import HEADS
+from faceforge.runtime import fp32_only
 
 _ACOS_EPS = 1e-7
-
-
-def fp32_only(device: torch.device):
-    """Context that disables autocast so logits and losses stay in fp32."""
-    return torch.autocast(device_type=device.type, enabled=False)
 
 
 class Softmax(Head):

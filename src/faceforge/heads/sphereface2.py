@@ -18,6 +18,7 @@ from faceforge.heads.base import (
     ClassShard, Head, HeadOutput, at_least_fp32, class_max, class_sum, sample_classes, sum_over_shards,
 )
 from faceforge.registry import HEADS
+from faceforge.runtime import fp32_only
 
 DEFAULT_MARGIN = {"C": 0.4, "A": 0.5, "M": 1.7}
 _ACOS_EPS = 1e-7
@@ -162,7 +163,7 @@ class SphereFace2(Head):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
         self.check_input(embeddings, labels)
-        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        with fp32_only(embeddings.device):
             weight, local, owned, sampled, factor = self.columns(labels)
             x = F.normalize(at_least_fp32(embeddings), dim=1)
             cos = (x @ F.normalize(at_least_fp32(weight), dim=1).t()).clamp(-1.0, 1.0)
@@ -175,12 +176,12 @@ class SphereFace2(Head):
             terms = coef * softplus(logits * (1.0 - 2.0 * positive))
             per_sample = (self.lw / self.r) * class_sum(terms, self.shard)
             target = sum_over_shards(cos.detach().gather(1, local[:, None]).squeeze(1) * owned, self.shard)
-            acc = (target >= class_max(cos, self.shard)).float().mean().item()
+            acc = (target >= class_max(cos, self.shard)).float().mean()
         return HeadOutput(
             loss=per_sample.mean(),
             per_sample_loss=per_sample,
             logits_for_metrics=logits,
-            metrics={"acc": acc, "bias": self.bias.item()},
+            metrics={"acc": acc, "bias": self.bias.detach().clone()},
         )
 
     def extra_repr(self) -> str:

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from faceforge import distributed
 from faceforge.errors import ConfigError
 from faceforge.heads.base import Head, HeadOutput, at_least_fp32, softmax_cross_entropy, sum_over_shards
-from faceforge.heads.margin import Softmax, fp32_only
+from faceforge.heads.margin import Softmax
+from faceforge.runtime import fp32_only
 
 
 def negative_pair_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -68,7 +69,7 @@ class UNPG(Head):
 
     def negatives(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Cosine Gram matrix [B, B] (with gradient), the mask of negative pairs the Tukey filter keeps, and how
-        many negative pairs there were before filtering."""
+        many negative pairs there were before filtering (a host int: the quartiles' ranks need it)."""
         x = F.normalize(at_least_fp32(embeddings), dim=1)
         gram = x @ x.t()
         mask = negative_pair_mask(labels)
@@ -99,7 +100,7 @@ class UNPG(Head):
             extra = None if log_z is None else log_z.expand(len(labels), 1)
             out = softmax_cross_entropy(logits, class_labels, shard, extra)
         out.metrics["unpg_negatives"] = float(found)
-        out.metrics["unpg_kept"] = float(kept.sum()) / max(found, 1)
+        out.metrics["unpg_kept"] = kept.sum() / max(found, 1)
         if hasattr(self.base, "margins"):
             m1, m2, m3 = self.base.margins()
             out.metrics["margin"] = m2 + m3 + (m1 - 1.0)
