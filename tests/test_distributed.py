@@ -252,3 +252,32 @@ def test_torchrun_restart_resumes_the_same_run(tiny_config, monkeypatch):
     again = Trainer.start(tiny_config(train={"run_name": "", "max_steps": 4, "checkpoint_every": 2}))
     assert again.log.dir == first.log.dir and again.state.step == 2
     assert again.fit()["steps"] == 4
+
+
+class _Bucket:
+    def __init__(self, buffer: torch.Tensor) -> None:
+        self._buffer = buffer
+
+    def buffer(self) -> torch.Tensor:
+        return self._buffer
+
+
+def _hook_worker(rank, world, init_file, result_dir):
+    from faceforge.engine.parallel import _compressed_sum_hook
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    grads = torch.tensor([1.0 + rank, 1.0 / 3.0, -2.5e-3 * (rank + 1)])
+    out = _compressed_sum_hook((dist.group.WORLD, torch.bfloat16), _Bucket(grads.clone())).wait()
+    torch.save(out, os.path.join(result_dir, f"hook-{rank}.pt"))
+    shutdown()
+
+
+def test_compressed_gradient_hook_sums_in_bf16(tmp_path):
+    """Sum semantics (torch's compress hooks average), each rank's values rounded to bf16 before the sum."""
+    mp.spawn(_hook_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    rounded = [torch.tensor([1.0 + r, 1.0 / 3.0, -2.5e-3 * (r + 1)]).bfloat16() for r in range(2)]
+    expected = (rounded[0] + rounded[1]).float()
+    for r in range(2):
+        out = torch.load(tmp_path / f"hook-{r}.pt")
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)

@@ -53,6 +53,8 @@ class OptimConfig:
     nesterov: bool = False
     weight_decay: float = 5e-4
     grad_clip: float = 5.0  # max global grad norm of the backbone; 0 disables
+    # Fused kernels (null: on CUDA). They also skip a non-finite step on the device, without a host sync.
+    fused: bool | None = None
 
 
 @dataclass
@@ -75,8 +77,12 @@ class TrainConfig:
     time_budget_s: float = 0.0  # > 0: stop after this many seconds; the schedule follows elapsed time
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (GPU: bf16 where native, else fp16; CPU: fp32) | fp32 | bf16 | fp16
     channels_last: str = "auto"  # auto (on GPU) | true | false
+    compile: bool = False  # torch.compile the backbone (off by default until measured to help on the GPU)
+    tf32: bool = True  # CUDA: TF32 for the backbone's fp32 matmuls and convolutions; heads always compute in fp32
+    ddp_bucket_mb: float = 25.0  # torchrun: gradient all-reduce bucket size
+    ddp_static_graph: bool = True  # torchrun: the backbone's graph is the same every step (true for ours)
     log_every: int = 20
     eval_every: int = 0  # steps between evaluations on data.val_bins; 0 = at the end only
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end only

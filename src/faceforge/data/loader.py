@@ -107,7 +107,10 @@ class TrainLoader:
             images, labels = self.memory
             for idx in batches:
                 index = torch.tensor(idx)
-                yield images[index], labels[index], 0
+                batch = images.new_empty((len(idx), *images.shape[1:]), pin_memory=self.pin_memory)
+                # Gathered into page-locked memory (CUDA's host cache reuses it once its copy is done), so the
+                # copy to the GPU overlaps the step.
+                yield torch.index_select(images, 0, index, out=batch), labels[index], 0
             return
         loader = DataLoader(
             _Reader(self.dataset),
@@ -158,10 +161,13 @@ def to_model_input(
     generator: torch.Generator | None = None,
     channels_last: bool = False,
 ) -> torch.Tensor:
-    """uint8 NHWC on any device -> float NCHW in [-1, 1] on `device`, randomly mirrored when `flip`."""
+    """uint8 NHWC on any device -> float NCHW in [-1, 1] on `device`, randomly mirrored when `flip`.
+
+    The mirror draws are made on `device` (with `generator`, which must live there), so no mask is copied over.
+    """
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
     if flip:
-        mask = torch.rand(x.shape[0], generator=generator) < 0.5
-        x = torch.where(mask.to(device)[:, None, None, None], x.flip(3), x)
+        mask = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
+        x = torch.where(mask[:, None, None, None], x.flip(3), x)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     return x.contiguous(memory_format=memory_format)

@@ -25,12 +25,20 @@ def param_groups(backbone: nn.Module, head: nn.Module, weight_decay: float) -> l
 
 
 def build_optimizer(cfg: OptimConfig, backbone: nn.Module, head: nn.Module) -> torch.optim.Optimizer:
-    """SGD (momentum, optional Nesterov) or AdamW over backbone + head; fused kernels on CUDA."""
+    """SGD (momentum, optional Nesterov) or AdamW over backbone + head; fused kernels on CUDA unless `cfg.fused`
+    says otherwise."""
     groups = param_groups(backbone, head, cfg.weight_decay)
-    on_cuda = next(backbone.parameters()).is_cuda
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=on_cuda or None)
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=on_cuda or None)
+    fused = next(backbone.parameters()).is_cuda if cfg.fused is None else cfg.fused
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused or None)
+    sgd = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=fused or None)
+    if fused and cfg.momentum > 0:
+        # A fused step skipped on the device (found_inf) before any real one leaves an uninitialised momentum
+        # buffer behind; zeros are exact instead: with no dampening, 0·momentum + grad is the first step's buffer.
+        for group in sgd.param_groups:
+            for p in group["params"]:
+                sgd.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return sgd
 
 
 def lr_factor(cfg: ScheduleConfig, progress: float, base_lr: float) -> float:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -12,13 +11,14 @@ from torch import nn
 import faceforge.regularizers  # noqa: F401  (registers the built-in regularizers)
 from faceforge.backbones import build_backbone
 from faceforge.config import Config
+from faceforge import distributed
 from faceforge.distributed import all_gather_nograd, all_gather_with_grad
 from faceforge.engine.optim import build_optimizer
 from faceforge.engine.parallel import Parallel, class_shard, sum_replicated_head_grads, wrap_backbone
 from faceforge.heads import Head, build_head
 from faceforge.heads.base import at_least_fp32
 from faceforge.registry import HEADS, REGULARIZERS
-from faceforge.runtime import autocast_dtype
+from faceforge.runtime import autocast_dtype, to_host
 
 
 @dataclass
@@ -45,7 +45,8 @@ class StepParts:
 
 def build_parts(cfg: Config, num_classes: int, device: torch.device, par: Parallel | None = None) -> StepParts:
     """Backbone, head, regularizers, optimizer and grad scaler on `device`, as the config asks; under torchrun the
-    backbone is DDP-wrapped and a head with class centres holds this rank's shard of them."""
+    backbone is DDP-wrapped (gradients sent in the autocast dtype) and a head with class centres holds this rank's
+    shard of them. `train.compile` compiles what the step calls; checkpoints and evaluation use the plain module."""
     par = par or Parallel()
     t = cfg.train
     amp_dtype = autocast_dtype(t.precision, device)
@@ -62,9 +63,12 @@ def build_parts(cfg: Config, num_classes: int, device: torch.device, par: Parall
     ).to(device)
     for reg in regularizers:
         reg.bind(head)
+    model = wrap_backbone(backbone, par, t.ddp_bucket_mb, t.ddp_static_graph, amp_dtype)
+    if t.compile:
+        model = torch.compile(model)
     return StepParts(
         backbone=backbone,
-        model=wrap_backbone(backbone, par),
+        model=model,
         head=head,
         regularizers=regularizers,
         optimizer=build_optimizer(cfg.optim, backbone, head),
@@ -77,44 +81,86 @@ def build_parts(cfg: Config, num_classes: int, device: torch.device, par: Parall
     )
 
 
-def _all_finite(value: float, par: Parallel) -> bool:
-    """Whether the loss is finite on every rank: all skip a step together, or none does."""
-    ok = torch.tensor(float(math.isfinite(value)))
+def _nonfinite(loss: torch.Tensor, grad_norm: torch.Tensor | None, par: Parallel) -> torch.Tensor:
+    """0-dim bool on the device: the loss (or the clipped gradient norm) is not finite on some rank, so every
+    rank skips this step together. One device-side collective, no host read."""
+    bad = ~torch.isfinite(loss.detach())
+    if grad_norm is not None:
+        bad = bad | ~torch.isfinite(grad_norm)
     if par.active:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=par.group)
-    return bool(ok.item())
+        bad = distributed.all_reduce_scalars(bad, dist.ReduceOp.MAX, par.group, par.device)[0] > 0
+    return bad.to(loss.device)
 
 
-def _step_leaving_unsampled_rows(parts: StepParts) -> None:
-    """optimizer.step(), then class rows a sampling head did not use get back their weights and optimizer state."""
-    rows = parts.head.sampled_class_rows()
-    params = dict(parts.head.named_parameters())
+def _guarded_step(p: StepParts, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
+    """optimizer.step() unless the step must be skipped; returns whether it was, as a 0-dim device bool.
+
+    fp16: the GradScaler skips on overflowing gradients (a non-finite loss gives non-finite gradients; DDP's
+    all-reduce spreads them to every rank), and that skip is counted too. Otherwise a fused optimizer takes the
+    flag as `found_inf` and skips on the device; any other optimizer needs the flag on the host (one sync).
+    """
+    opt = p.optimizer
+    if p.scaler.is_enabled():
+        found = sum(p.scaler._found_inf_per_device(opt).values())  # filled by unscale_ in train_step
+        p.scaler.step(opt)
+        return found > 0
+    bad = _nonfinite(loss, grad_norm, p.par)
+    if getattr(opt, "_step_supports_amp_scaling", False):
+        opt.grad_scale, opt.found_inf = None, bad.float()
+        try:
+            opt.step()
+        finally:
+            del opt.grad_scale, opt.found_inf
+    elif not bool(bad):
+        opt.step()
+    return bad
+
+
+def _step_leaving_unsampled_rows(p: StepParts, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
+    """The guarded step; then class rows a sampling head did not use get back their weights and optimizer state."""
+    rows = p.head.sampled_class_rows()
+    params = dict(p.head.named_parameters())
     saved = []
     for name, used in rows.items():
-        p = params[name]
-        rest = torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
+        w = params[name]
+        rest = torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
         rest[used] = False
-        state = parts.optimizer.state.get(p, {})
-        old = {k: v[rest].clone() for k, v in state.items() if torch.is_tensor(v) and v.shape == p.shape}
-        saved.append((p, rest, p.detach()[rest].clone(), old))
-    parts.scaler.step(parts.optimizer)
-    for p, rest, weights, old in saved:
-        p.data[rest] = weights
-        for k, v in parts.optimizer.state.get(p, {}).items():
-            if torch.is_tensor(v) and v.shape == p.shape:
+        state = p.optimizer.state.get(w, {})
+        old = {k: v[rest].clone() for k, v in state.items() if torch.is_tensor(v) and v.shape == w.shape}
+        saved.append((w, rest, w.detach()[rest].clone(), old))
+    skipped = _guarded_step(p, loss, grad_norm)
+    for w, rest, weights, old in saved:
+        w.data[rest] = weights
+        for k, v in p.optimizer.state.get(w, {}).items():
+            if torch.is_tensor(v) and v.shape == w.shape:
                 v[rest] = old[k] if k in old else 0.0
+    return skipped
 
 
-def optimisation_step(parts: StepParts, x: torch.Tensor, y: torch.Tensor) -> dict[str, float] | None:
-    """Forward (backbone under autocast, head and losses in fp32), backward, clip, update.
+@dataclass
+class StepResult:
+    """One step's loss, metrics and whether its update was skipped, still on the device: `read()` brings them
+    to the host in one transfer, which the trainer does only on the steps it logs."""
 
-    Returns the step's metrics, or None when the loss was not finite (the weights are then left untouched).
+    loss: torch.Tensor
+    skipped: torch.Tensor
+    metrics: dict[str, float | torch.Tensor]
+
+    def read(self) -> dict[str, float] | None:
+        """{'loss': ..., **metrics} as floats, or None when the step was skipped."""
+        lazy = [k for k, v in self.metrics.items() if torch.is_tensor(v)]
+        loss, skipped, *values = to_host([self.loss, self.skipped, *(self.metrics[k] for k in lazy)])
+        if skipped:
+            return None
+        return {"loss": loss, **self.metrics, **dict(zip(lazy, values))}
+
+
+def _objective(p: StepParts, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Forward (backbone under autocast, head and losses in fp32): (loss, what to differentiate, metrics).
+
     Loss = mean(sample_weights * per_sample_loss) + sum of regularizer losses; with K processes the head term is
     over the global batch and each regularizer term is the mean over ranks (see engine/parallel.py).
     """
-    p = parts
-    p.backbone.train()
-    p.head.train()
     inputs = x
     for reg in p.regularizers:
         inputs = reg.perturb(inputs, y)
@@ -141,16 +187,28 @@ def optimisation_step(parts: StepParts, x: torch.Tensor, y: torch.Tensor) -> dic
     # Gradients are summed over ranks: terms each rank computes on its own rows count 1/K.
     k = p.par.world_size
     objective = loss if k == 1 else (head_loss if gathered else head_loss / k) + reg_loss / k
+    return loss, objective, metrics
 
+
+def train_step(p: StepParts, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+    """Forward, backward, clip, update, with no host synchronisation of its own (ArcFace, CosFace, softmax with a
+    fused optimizer): a step whose loss is not finite on some rank leaves the weights untouched on every rank."""
+    p.backbone.train()
+    p.head.train()
+    loss, objective, metrics = _objective(p, x, y)
     p.optimizer.zero_grad(set_to_none=True)
-    loss_value = loss.item()
-    if not _all_finite(loss_value, p.par):
-        return None
     p.scaler.scale(objective).backward()
     sum_replicated_head_grads(p.head, p.par)
-    if p.grad_clip > 0:
+    grad_norm = None
+    if p.grad_clip > 0 or p.scaler.is_enabled():
         p.scaler.unscale_(p.optimizer)
-        torch.nn.utils.clip_grad_norm_(p.backbone.parameters(), p.grad_clip)
-    _step_leaving_unsampled_rows(p)
+    if p.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(p.backbone.parameters(), p.grad_clip)
+    skipped = _step_leaving_unsampled_rows(p, loss, grad_norm)
     p.scaler.update()
-    return {"loss": loss_value, **metrics}
+    return StepResult(loss.detach().float(), skipped, metrics)
+
+
+def optimisation_step(parts: StepParts, x: torch.Tensor, y: torch.Tensor) -> dict[str, float] | None:
+    """train_step, read at once: the step's metrics, or None when its loss was not finite and it was skipped."""
+    return train_step(parts, x, y).read()

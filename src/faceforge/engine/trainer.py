@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,15 +20,45 @@ from faceforge.engine import checkpoint as ckpt
 from faceforge.engine.datasets import open_training_set, validation_bins
 from faceforge.engine.optim import lr_factor, set_lr
 from faceforge.engine.parallel import init_from_env
-from faceforge.engine.step import build_parts, optimisation_step
+from faceforge.engine.step import StepResult, build_parts, train_step
 from faceforge.engine.run_log import RunLog, SilentRunLog
 from faceforge.errors import ConfigError, DataError, FaceforgeError
 from faceforge.eval.verification import VerificationSet
-from faceforge.runtime import pick_device
+from faceforge.distributed import all_reduce_scalars
+from faceforge.runtime import configure_cuda, pick_device, to_host
 
 
 class TrainingAborted(FaceforgeError):
     """Training cannot go on (e.g. the loss stayed non-finite); the message says why and where."""
+
+
+# How a collective says a peer died or it outlasted its timeout: NCCL raises DistError subclasses; gloo raises a
+# RuntimeError that names its transport.
+_PEER_SIGNS = ("gloo/transport", "NCCL", "Connection reset by peer", "Connection closed by peer", "Timed out")
+
+
+def _collective_failed(exc: BaseException) -> bool:
+    """Whether `exc` came out of a torch.distributed collective (so another rank may be gone), not out of the
+    step itself: an out-of-memory or a shape bug is never reported as a lost peer."""
+    if isinstance(exc, torch.OutOfMemoryError) or not isinstance(exc, RuntimeError):
+        return False
+    if isinstance(exc, dist.DistError) or any(sign in str(exc) for sign in _PEER_SIGNS):
+        return True
+    frames = traceback.extract_tb(exc.__traceback__)
+    return any(f"torch{os.sep}distributed{os.sep}" in frame.filename for frame in frames[-3:])
+
+
+def _where(exc: BaseException, rank: int, world: int, step: int) -> BaseException:
+    """`exc` again with 'rank r/K, step s: ' in front of its message and `exc` as its cause, of the same type where
+    that type can be rebuilt from a message (else `exc` itself, with the place as a note)."""
+    where = f"rank {rank}/{world}, step {step}"
+    try:
+        again = type(exc)(f"{where}: {exc}")
+    except Exception:  # a type whose constructor takes more than a message
+        exc.add_note(where)
+        return exc
+    again.__cause__ = exc
+    return again
 
 
 @dataclass
@@ -52,8 +83,7 @@ class Trainer:
         self.par = init_from_env(t.dist_timeout_s)
         self.device = pick_device(t.device, self.par.local_rank)
         torch.manual_seed(t.seed)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+        configure_cuda(self.device, t.tf32)
 
         self.dataset, data_root = open_training_set(cfg)
         self.num_classes = self._num_classes(data_root)
@@ -76,6 +106,9 @@ class Trainer:
         self.val_sets = [VerificationSet.load(p) for p in bins] if self.par.is_main else []
         self.total_steps = t.max_steps or t.epochs * len(self.plan)
         self.state = RunState()
+        # Skipped steps and the current run of them, counted on the device and read when the loss is (log steps).
+        self._skips = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._bad_run = torch.zeros((), dtype=torch.int64, device=self.device)
         run_dir = self._shared(run_dir or RunLog.new_dir(cfg))
         self.log = RunLog(run_dir, fresh=not resuming) if self.par.is_main else SilentRunLog(run_dir)
         if not resuming:
@@ -157,6 +190,7 @@ class Trainer:
 
     def save(self) -> Path:
         """A checkpoint every rank takes part in (sharded centres are gathered); rank 0 writes it."""
+        self._read_counters()
         trainer_state = {
             "optimizer": ckpt.optimizer_state(self.optimizer, self.backbone, self.head, self.par),
             "scaler": self.parts.scaler.state_dict(),
@@ -167,19 +201,39 @@ class Trainer:
             self.log.dir / "checkpoints", self.state.step, self.backbone, self.head, trainer_state, self.par
         )
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float] | None:
-        """One optimisation step; returns its metrics, or None when the loss was not finite and the step skipped."""
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
+        """One optimisation step at the schedule's lr, its result left on the device (see `_log_step`)."""
         cfg = self.cfg
         progress = self.progress()
         lr = cfg.optim.lr * lr_factor(cfg.schedule, progress, cfg.optim.lr)
         set_lr(self.optimizer, lr)
         epochs_done = self.state.epoch + self.state.batch_in_epoch / max(len(self.plan), 1)
         self.head.set_progress(progress, epochs_done)
-        flip_gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + self.state.step)
+        # The flip draws are seeded by (seed, step), so a resumed run mirrors the same images; drawn on the device.
+        flip_gen = torch.Generator(self.device).manual_seed(cfg.train.seed * 1_000_003 + self.state.step)
         x = to_model_input(images, self.device, cfg.data.flip, flip_gen, self.parts.channels_last)
         y = labels.to(self.device, non_blocking=True)
-        metrics = optimisation_step(self.parts, x, y)
-        return None if metrics is None else {**metrics, "lr": lr}
+        result = train_step(self.parts, x, y)
+        result.metrics["lr"] = lr
+        self._skips += result.skipped
+        self._bad_run = (self._bad_run + 1) * result.skipped
+        return result
+
+    def _read_counters(self, result: StepResult | None = None) -> dict[str, float] | None:
+        """Bring the skip counters (and a step's result) to the host in one transfer; abort on a long bad run."""
+        loss = [] if result is None else [result.loss, result.skipped, *result.metrics.values()]
+        skips, bad, *values = to_host([self._skips, self._bad_run, *loss])
+        s = self.state
+        s.skipped_steps, s.bad_in_a_row = s.skipped_steps + int(skips), int(bad)
+        self._skips.zero_()
+        if s.bad_in_a_row >= self.cfg.train.max_bad_steps:
+            raise TrainingAborted(
+                f"loss was not finite for {s.bad_in_a_row} steps in a row (step {s.step}); "
+                "lower optim.lr or use precision=fp32"
+            )
+        if result is None or values[1]:
+            return None
+        return {"loss": values[0], **dict(zip(result.metrics, values[2:]))}
 
     def _checked(self, batches: Iterator[Batch]) -> Iterator[Batch]:
         """Batches whose labels fit the head, checked on the CPU before any device copy."""
@@ -199,61 +253,48 @@ class Trainer:
         """
         if not self.par.active:
             return self._fit(until_step)
+        rank, world = self.par.rank, self.par.world_size
         try:
             return self._fit(until_step)
-        except RuntimeError as exc:
+        except FaceforgeError:
+            raise
+        except Exception as exc:
+            if not _collective_failed(exc):  # an out-of-memory, a shape bug: itself, with where it happened
+                raise _where(exc, rank, world, self.state.step) from exc
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise TrainingAborted(
-                f"rank {self.par.rank}/{self.par.world_size}: lost the other processes at step {self.state.step} "
-                f"(a collective failed or waited over train.dist_timeout_s={self.cfg.train.dist_timeout_s:g}s): "
-                f"{first}"
-            ) from None
+                f"rank {rank}/{world}: lost the other processes at step {self.state.step} "
+                f"(a collective failed or waited over train.dist_timeout_s={self.cfg.train.dist_timeout_s:g}s; "
+                f"another rank may have died, see its log): {first}"
+            ) from exc
+
+    def _stop(self, until_step: int | None) -> bool:
+        return self.done() or (until_step is not None and self.state.step >= until_step)
 
     def _fit(self, until_step: int | None) -> dict:
         t = self.cfg.train
         bar = tqdm(total=self.total_steps if not t.time_budget_s else None, initial=self.state.step,
                    disable=not (t.progress_bar and self.par.is_main), desc="train", dynamic_ncols=True)
-        window_start, window_images = time.perf_counter(), 0
-        while not self.done() and (until_step is None or self.state.step < until_step):
-            last = time.perf_counter()
+        self._window = (time.perf_counter(), 0)
+        while not self._stop(until_step):
             batches = self._checked(self.loader.epoch(self.state.epoch, self.state.batch_in_epoch))
+            clock = time.perf_counter()  # a step's time includes waiting for its batch
             for images, labels, skipped in prefetch_to_device(batches, self.device):
-                metrics = self.train_step(images, labels)
+                result = self.train_step(images, labels)
+                now = time.perf_counter()
+                self._advance(len(labels), skipped, now - clock)
+                clock = now
                 s = self.state
-                s.step += 1
-                s.batch_in_epoch += 1
-                s.skipped_records += skipped
-                s.elapsed += time.perf_counter() - last
-                if self.par.active and t.time_budget_s > 0:
-                    s.elapsed = self._slowest(s.elapsed)
-                window_images += len(labels)
-                if metrics is None:
-                    s.skipped_steps += 1
-                    s.bad_in_a_row += 1
-                    if s.bad_in_a_row >= t.max_bad_steps:
-                        raise TrainingAborted(
-                            f"loss was not finite for {s.bad_in_a_row} steps in a row (step {s.step}); "
-                            "lower optim.lr or use precision=fp32"
-                        )
-                    last = time.perf_counter()
-                    continue
-                s.bad_in_a_row = 0
-                bar.update(1)
                 if s.step % t.log_every == 0 or self.done():
-                    now = time.perf_counter()
-                    metrics["img_s"] = window_images / max(now - window_start, 1e-9)
-                    window_start, window_images = now, 0
-                    self.log.scalars(s.step, {"epoch": s.epoch, **metrics})
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.3g}",
-                                    img_s=f"{metrics['img_s']:.0f}")
+                    self._log_step(result, bar)
                 if t.checkpoint_every and s.step % t.checkpoint_every == 0:
                     self.save()
                 if t.eval_every and s.step % t.eval_every == 0:
                     self.evaluate()
-                if self.done() or (until_step is not None and s.step >= until_step):
+                bar.update(1)
+                if self._stop(until_step):
                     break
-                last = time.perf_counter()
-            else:
+            if not self._stop(until_step):
                 self._end_epoch(bar)
         bar.close()
         self.save()
@@ -271,11 +312,32 @@ class Trainer:
         self.log.finish(summary)
         return summary
 
+    def _advance(self, images: int, skipped_records: int, seconds: float) -> None:
+        """Count a finished step: its images, the corrupt records its batch skipped and its wall time."""
+        s = self.state
+        s.step += 1
+        s.batch_in_epoch += 1
+        s.skipped_records += skipped_records
+        s.elapsed += seconds
+        if self.par.active and self.cfg.train.time_budget_s > 0:
+            s.elapsed = self._slowest(s.elapsed)  # a host sync every step, only for a time budget under torchrun
+        self._window = (self._window[0], self._window[1] + images)
+
+    def _log_step(self, result: StepResult, bar: tqdm) -> None:
+        """The one host read of a logged step: its loss and metrics (and the skip counters) to the run log."""
+        metrics = self._read_counters(result)
+        if metrics is None:  # this step was skipped
+            return
+        start, images = self._window
+        now = time.perf_counter()
+        metrics["img_s"] = images / max(now - start, 1e-9)
+        self._window = (now, 0)
+        self.log.scalars(self.state.step, {"epoch": self.state.epoch, **metrics})
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.3g}", img_s=f"{metrics['img_s']:.0f}")
+
     def _slowest(self, seconds: float) -> float:
         """The largest value over ranks, so that every rank agrees when a time budget is spent."""
-        value = torch.tensor(seconds, dtype=torch.float64)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.par.group)
-        return float(value)
+        return float(all_reduce_scalars([seconds], dist.ReduceOp.MAX, self.par.group, self.par.device)[0])
 
     def _end_epoch(self, bar: tqdm) -> None:
         """Report corrupt records skipped so far (data.on_corrupt=skip), then move to the next epoch."""
