@@ -178,3 +178,22 @@ def test_errors_under_torchrun_keep_their_type_and_cause(one_rank_group, tiny_co
     assert "rank 0/1" in str(info.value) and "step 0" in str(info.value)
     assert "lost the other processes" not in str(info.value)
 
+
+
+def test_evaluation_runs_in_the_precision_it_is_given():
+    """Evaluation follows train.precision instead of always bf16: 'auto' and fp32 on the CPU are plain fp32,
+    bf16 really runs the backbone under bf16 autocast (close to fp32, not equal)."""
+    import numpy as np
+
+    from faceforge.backbones import build_backbone
+    from faceforge.eval.verification import embed_images
+    from faceforge.runtime import autocast_dtype
+
+    assert autocast_dtype("auto", torch.device("cpu")) is None
+    torch.manual_seed(0)
+    model = build_backbone(**TINY)
+    images = np.random.default_rng(0).integers(0, 256, (4, 112, 112, 3), dtype=np.uint8)
+    fp32, auto, bf16 = (embed_images(model, images, precision=p) for p in ("fp32", "auto", "bf16"))
+    np.testing.assert_array_equal(fp32, auto)
+    assert not np.array_equal(fp32, bf16)
+    np.testing.assert_allclose(bf16, fp32, rtol=0.1, atol=0.1 * np.abs(fp32).max())

@@ -352,7 +352,7 @@ class Trainer:
         """Verification accuracy on each validation set, logged as an `eval` event."""
         results = {}
         for vs in self.val_sets:
-            metrics, roc = vs.evaluate(self.backbone, device=self.device)
+            metrics, roc = vs.evaluate(self.backbone, device=self.device, precision=self.cfg.train.precision)
             results[vs.name] = metrics
             self.log.roc_curves[vs.name] = roc
         if results:

@@ -13,6 +13,7 @@ from sklearn.preprocessing import normalize
 from faceforge.data.binsets import load_bin
 from faceforge.data.images import FACE_SIZE, decode_image, resize_face
 from faceforge.eval.metrics import roc, roc_auc, tar_at_far
+from faceforge.runtime import autocast_dtype
 
 THRESHOLDS = np.arange(0, 4, 0.01)  # squared-L2 thresholds of the InsightFace protocol
 REPORTED_FARS = (1e-3, 1e-2)
@@ -111,14 +112,14 @@ def _embed_views(
     batch_size: int,
     device: str | torch.device,
     flip: bool,
-    amp: bool,
+    precision: str,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Float32 embeddings of the images and, with `flip`, of their horizontal mirrors."""
     if len(images) == 0:
         raise ValueError("no images to embed")
     device = torch.device(device)
-    use_amp = amp and device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
+    dtype = autocast_dtype(precision, device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     views: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
     was_training = model.training
     model.eval()
@@ -145,14 +146,15 @@ def embed_images(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     flip: bool = True,
-    amp: bool = True,
+    precision: str = "auto",
 ) -> np.ndarray:
     """Embed uint8 RGB [N, 112, 112, 3] images as float32 [N, D]; with `flip`, model(x) + model(mirror(x)).
 
     Inputs are scaled to [-1, 1] as in training; the model runs in eval mode without gradients (its mode is
-    restored), under bf16 autocast only on CUDA with `amp`. Flip-fused embeddings are summed, not normalised.
+    restored), under the autocast that `precision` names (as train.precision: 'auto' is bf16 on a GPU that runs it
+    natively, fp32 on the CPU). Flip-fused embeddings are summed, not normalised.
     """
-    original, flipped = _embed_views(model, images, batch_size, device, flip, amp)
+    original, flipped = _embed_views(model, images, batch_size, device, flip, precision)
     return original + flipped if flipped is not None else original
 
 
@@ -196,10 +198,10 @@ class VerificationSet:
         batch_size: int = 256,
         device: str | torch.device = "cpu",
         flip: bool = True,
-        amp: bool = True,
+        precision: str = "auto",
     ) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
         """The 10-fold protocol on `model` (see evaluate_bin) and the cosine ROC (fpr, tpr) for plotting."""
-        original, flipped = _embed_views(model, self.images, batch_size, device, flip, amp)
+        original, flipped = _embed_views(model, self.images, batch_size, device, flip, precision)
         raw = original if flipped is None else np.concatenate([original, flipped])
         result, curve = self._score(original if flipped is None else original + flipped)
         result["xnorm"] = float(np.linalg.norm(raw.astype(np.float64), axis=1).mean())
@@ -216,7 +218,7 @@ def evaluate_bin(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     flip: bool = True,
-    amp: bool = True,
+    precision: str = "auto",
 ) -> dict:
     """Run the InsightFace `.bin` protocol (LFW, CFP-FP, AgeDB-30, ...) on `model`: evaluate_pairs' dict plus
     `xnorm` and `num_pairs`.
@@ -224,4 +226,4 @@ def evaluate_bin(
     `xnorm` follows InsightFace: the mean L2 norm of the raw, un-fused embeddings (original and, with `flip`,
     mirrored images each count once), not the norm of their sum.
     """
-    return VerificationSet.load(bin_path).evaluate(model, batch_size, device, flip, amp)[0]
+    return VerificationSet.load(bin_path).evaluate(model, batch_size, device, flip, precision)[0]
