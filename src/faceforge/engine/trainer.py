@@ -276,6 +276,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps if not t.time_budget_s else None, initial=self.state.step,
                    disable=not (t.progress_bar and self.par.is_main), desc="train", dynamic_ncols=True)
         self._window = (time.perf_counter(), 0)
+        self._bad_run.fill_(self.state.bad_in_a_row)  # a resumed run continues its count
         while not self._stop(until_step):
             batches = self._checked(self.loader.epoch(self.state.epoch, self.state.batch_in_epoch))
             clock = time.perf_counter()  # a step's time includes waiting for its batch
