@@ -77,6 +77,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     channels_last: str = "auto"  # auto (on GPU) | true | false
+    compile: bool = False  # torch.compile the backbone (mode default)
     log_every: int = 20
     eval_every: int = 0  # steps between evaluations on data.val_bins; 0 = at the end only
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end only
