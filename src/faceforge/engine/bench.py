@@ -68,6 +68,13 @@ def _is_compiled(model: nn.Module) -> bool:
     return hasattr(model, "_orig_mod") or getattr(model, "_compiled_call_impl", None) is not None
 
 
+def compile_backbone(parts: StepParts) -> None:
+    """torch.compile (default mode) what the step calls, unless build_parts already compiled it for
+    train.compile: the one place bench and the CUDA tests compile."""
+    if not _is_compiled(parts.model):
+        parts.model = torch.compile(parts.model)
+
+
 def _sample_rate(head: nn.Module) -> float | None:
     """The PartialFC rate the built head samples its classes at (UNPG: its base head's); None if it never samples."""
     return getattr(getattr(head, "base", head), "sample_rate", None)
@@ -96,8 +103,8 @@ def bench_train(cfg: Config, warmup: int = 10, steps: int = 40, data: str | None
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(cfg.train.seed)
     parts = build_parts(cfg, num_classes, dev)
-    if cfg.train.compile and not _is_compiled(parts.model):
-        parts.model = torch.compile(parts.model)
+    if cfg.train.compile:
+        compile_backbone(parts)
     batch = cfg.train.batch_size
     batches = (
         _from_records(Path(data), batch, dev, parts.channels_last, cfg.data.num_workers)
