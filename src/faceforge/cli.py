@@ -301,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_bench_flops)
     q = bench.add_parser("train", help="img/s, ms/step and peak memory of the real training step, from a training "
                                        "config or flags")
-    q.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. head.unpg.k=1.5)")
+    q.add_argument("overrides", nargs="*", help="config overrides key=value, all in one run of words (e.g. right "
+                                                "after --config FILE): head.unpg.k=1.5 head.sample_rate=0.1")
     q.add_argument("--config", help="CONFIG.yaml as `faceforge train` takes it (default: the config defaults)")
     q.add_argument("--backbone", help="backbone.name (default r50)")
     q.add_argument("--head", help="head.name (default arcface)")
