@@ -101,9 +101,10 @@ def _first_step(cfg, compiled: bool = False) -> tuple[float, float]:
         torch.manual_seed(1)
         scale = parts.scaler.get_scale() if parts.scaler.is_enabled() else 1.0
         metrics = optimisation_step(parts, x, y)
+        if parts.scaler.is_enabled() and parts.scaler.get_scale() < scale:
+            continue  # skipped for overflowing gradients: the same weights again, at half the scale
         assert metrics is not None, "non-finite loss on the first step"
-        if not parts.scaler.is_enabled() or parts.scaler.get_scale() >= scale:
-            return metrics["loss"], _grad_norm(parts)
+        return float(metrics["loss"]), _grad_norm(parts)
     raise AssertionError("the grad scaler skipped every step")
 
 
@@ -151,21 +152,40 @@ def _adamw_run(tiny_config, name: str, cut: int | None):
     return trainer
 
 
-def test_fused_adamw_resume_matches_uninterrupted(tiny_config, no_tf32):
-    """Within 1e-5 absolute on weights that move ~1e-3 a step: kernels may pick other algorithms between runs
-    (fp32 reordering), while a lost or misplaced optimizer state (step count, moments) moves every weight by ~lr."""
+@pytest.fixture
+def deterministic_cudnn():
+    """cuDNN restricted to deterministic algorithms (chosen once per process and cached): runs repeat their sums."""
+    saved = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    yield
+    torch.backends.cudnn.deterministic = saved
+
+
+def test_fused_adamw_resume_matches_uninterrupted(tiny_config, no_tf32, deterministic_cudnn):
+    """Six fused AdamW steps, cut after three and resumed, against six in one go: same per-step losses (rtol 1e-5),
+    weights within 1e-5 absolute (they move ~1e-3 a step, so a lost or misplaced optimizer state, e.g. the step
+    count, shows everywhere), moments within 1e-3 relative, and the `step` tensors on the parameters' device.
+    Entries whose gradient RMS is below 1e-6 are left out: there the gradient is rounding noise (fc.bias feeds a
+    BatchNorm, which cancels it) and Adam turns noise into steps of +-lr."""
     full = _adamw_run(tiny_config, "full", None)
     resumed = _adamw_run(tiny_config, "cut", 3)
-    for module in ("backbone", "head"):
-        ours, theirs = getattr(resumed, module).state_dict(), getattr(full, module).state_dict()
-        for key, value in theirs.items():
-            torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-5, msg=f"{module}.{key}")
+    losses = [_losses(t.log.dir) for t in (full, resumed)]
+    assert [s for s, _ in losses[1]] == [s for s, _ in losses[0]] == list(range(1, 7))
+    for (_, a), (_, b) in zip(*losses):
+        assert abs(a - b) <= 1e-5 * abs(a), losses
     for p_full, p_resumed in zip(_params(full.optimizer), _params(resumed.optimizer)):
         saved, state = full.optimizer.state[p_full], resumed.optimizer.state[p_resumed]
-        for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(state[key], saved[key], rtol=1e-3, atol=1e-7)
         assert state["step"].device == p_resumed.device  # where fused AdamW reads it
         assert float(state["step"]) == float(saved["step"]) == 6
+        signal = saved["exp_avg_sq"].sqrt() > 1e-6
+        torch.testing.assert_close(p_resumed.detach()[signal], p_full.detach()[signal], rtol=1e-4, atol=1e-5)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(state[key][signal], saved[key][signal], rtol=1e-3, atol=1e-12)
+
+
+def _losses(run_dir) -> list[tuple[int, float]]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in lines if "event" not in r]
 
 
 def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
