@@ -113,9 +113,9 @@ echo "gpu_check: $([ "$DRY" = 1 ] && echo "CPU dry run" || echo "GPU run"), outp
 part setup.machine 30 60 "$PY" -c '
 import json, os, platform, torch
 cuda = torch.cuda.is_available()
+device = torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine()
 print(json.dumps({"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                  "cuda_available": cuda, "device": torch.cuda.get_device_name(0) if cuda else platform.processor(),
-                  "cpus": os.cpu_count()}))'
+                  "cuda_available": cuda, "device": device, "cpus": os.cpu_count()}))'
 command -v nvidia-smi >/dev/null && nvidia-smi >>"$LOG" 2>&1
 if [ "$DRY" = 0 ] && ! "$PY" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>>"$LOG"; then
     echo "gpu_check.sh: $PY has no CUDA device (see $LOG); for a CPU rehearsal use --cpu-dry-run" >&2
