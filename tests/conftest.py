@@ -18,6 +18,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # one thread per xdist worker: two workers on two cores, no oversubscription
 
 
+def pytest_configure(config):
+    """Register the `cuda` marker: tests that need a GPU, skipped without one (`pytest -m cuda` runs only them)."""
+    config.addinivalue_line("markers", "cuda: needs a CUDA device; skipped without one (run with `pytest -m cuda`)")
+
+
 def _image(rng: np.random.Generator, colour: np.ndarray) -> bytes:
     """A noisy image whose mean colour depends on the class: something a tiny net can learn in a few steps."""
     noise = rng.normal(0, 25, (112, 112, 3))

@@ -142,14 +142,21 @@ def cmd_bench_flops(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
+    from faceforge.config import Config, config_from_dict, load_config
     from faceforge.engine.bench import bench_train
 
-    row = bench_train(
-        backbone=args.backbone, head=args.head, num_classes=args.num_classes, batch=args.batch, dtype=args.dtype,
-        compile=args.compile, device=args.device, embedding_size=args.embedding_size, warmup=args.warmup,
-        steps=args.steps, data=args.data, workers=args.workers,
-    )
-    print(json.dumps(row))
+    keys = {  # flag -> the config key it overrides, on top of --config and the positional overrides
+        "backbone": "backbone.name", "embedding_size": "backbone.embedding_size", "head": "head.name",
+        "num_classes": "head.num_classes", "sample_rate": "head.sample_rate", "batch": "train.batch_size",
+        "dtype": "train.precision", "device": "train.device", "workers": "data.num_workers",
+    }
+    flags = [f"{key}={getattr(args, name)}" for name, key in keys.items() if getattr(args, name) is not None]
+    if args.compile:
+        flags.append("train.compile=true")
+    overrides = [*args.overrides, *flags]
+    # Without a file, the overrides apply to the defaults in full (a bare `head.m=...` keeps head.name).
+    cfg = load_config(args.config, overrides) if args.config else config_from_dict(Config().to_dict(), overrides)
+    print(json.dumps(bench_train(cfg, warmup=args.warmup, steps=args.steps, data=args.data)))
     return 0
 
 
@@ -292,19 +299,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--backbone", required=True)
     q.add_argument("--embedding-size", type=int, default=512)
     q.set_defaults(func=cmd_bench_flops)
-    q = bench.add_parser("train", help="img/s, ms/step and peak memory of the real training step")
-    q.add_argument("--backbone", default="r50")
-    q.add_argument("--head", default="arcface")
-    q.add_argument("--num-classes", type=int, default=93431)
-    q.add_argument("--batch", type=int, default=128)
-    q.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
-    q.add_argument("--compile", action="store_true", help="torch.compile the backbone")
-    q.add_argument("--device", default="auto")
-    q.add_argument("--embedding-size", type=int, default=512)
-    q.add_argument("--warmup", type=int, default=10)
-    q.add_argument("--steps", type=int, default=40)
+    q = bench.add_parser("train", help="img/s, ms/step and peak memory of the real training step, from a training "
+                                       "config or flags")
+    q.add_argument("overrides", nargs="*", help="config overrides key=value, all in one run of words (e.g. right "
+                                                "after --config FILE): head.unpg.k=1.5 head.sample_rate=0.1")
+    q.add_argument("--config", help="CONFIG.yaml as `faceforge train` takes it (default: the config defaults)")
+    q.add_argument("--backbone", help="backbone.name (default r50)")
+    q.add_argument("--head", help="head.name (default arcface)")
+    q.add_argument("--num-classes", type=int, help="head.num_classes (default: a GIF head's codes decide, "
+                                                   "else 93431)")
+    q.add_argument("--sample-rate", type=float, help="head.sample_rate (PartialFC fraction of the other classes)")
+    q.add_argument("--batch", type=int, help="train.batch_size (default 128)")
+    q.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], help="train.precision (default auto)")
+    q.add_argument("--compile", action="store_true", help="train.compile=true: torch.compile the backbone")
+    q.add_argument("--device", help="train.device (default auto)")
+    q.add_argument("--embedding-size", type=int, help="backbone.embedding_size (default 512)")
+    q.add_argument("--warmup", type=int, default=10, help="untimed steps first")
+    q.add_argument("--steps", type=int, default=40, help="timed steps")
     q.add_argument("--data", help="a train.rec folder to read through the real loader (default: synthetic on device)")
-    q.add_argument("--workers", type=int, default=8, help="loader workers with --data")
+    q.add_argument("--workers", type=int, help="data.num_workers: loader workers with --data (default 4)")
     q.set_defaults(func=cmd_bench_train)
     q = bench.add_parser("head", help="per-rank memory of a class-sharded head: centres, grads, optimizer, logits")
     q.add_argument("--num-classes", type=int, nargs="+", required=True)

@@ -9,12 +9,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from faceforge.config import config_from_dict
+from faceforge.config import Config
 from faceforge.data.loader import BatchPlan, TrainLoader, prefetch_to_device, to_model_input
 from faceforge.data.record_dataset import RecordDataset
-from faceforge.engine.step import build_parts, optimisation_step
-from faceforge.runtime import pick_device
+from faceforge.config import TrainConfig
+from faceforge.engine.step import StepParts, build_parts, train_step
+from faceforge.errors import ConfigError
+from faceforge.runtime import configure_cuda, pick_device, synchronize
+from faceforge.tokenizer.codebook import codes_identities
+
+LOG_EVERY = TrainConfig.log_every
 
 
 def _synthetic(batch: int, num_classes: int, device: torch.device, channels_last: bool) -> Iterator[tuple]:
@@ -44,73 +50,95 @@ def _from_records(root: Path, batch: int, device: torch.device, channels_last: b
         epoch += 1
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+DEFAULT_CLASSES = 93431  # MS1MV3's identities: the size a bench row has when neither flag, config nor codes say
 
 
-def bench_train(
-    backbone: str = "r50",
-    head: str = "arcface",
-    num_classes: int = 93431,
-    batch: int = 128,
-    dtype: str = "auto",
-    compile: bool = False,
-    device: str = "auto",
-    embedding_size: int = 512,
-    warmup: int = 10,
-    steps: int = 40,
-    data: str | None = None,
-    workers: int = 8,
-) -> dict:
-    """Time `steps` optimisation steps after `warmup` ones (device synchronised at both ends); one result row."""
-    dev = pick_device(device)
-    cfg = config_from_dict({
-        "backbone": {"name": backbone, "embedding_size": embedding_size},
-        "head": {"name": head},
-        "train": {"precision": dtype, "batch_size": batch, "device": str(dev)},
-    })
+def _head_size(cfg: Config) -> tuple[int, str]:
+    """The head's class count and what decided it: head.num_classes (what --num-classes sets), else a GIF head's
+    codes file (its identities), else DEFAULT_CLASSES."""
+    asked = cfg.head.get("num_classes")
+    if asked is not None:
+        if isinstance(asked, bool) or not isinstance(asked, int) or asked < 1:
+            raise ConfigError(f"head.num_classes must be a positive integer, got {asked!r}")
+        return asked, "head.num_classes"
+    if cfg.head["name"] == "gif" and isinstance(cfg.head.get("codes"), str):
+        return codes_identities(cfg.head["codes"]), "head.codes"
+    return DEFAULT_CLASSES, "default"
+
+
+def _sample_rate(head: nn.Module) -> float | None:
+    """The PartialFC rate the built head samples its classes at (UNPG: its base head's); None if it never samples."""
+    return getattr(getattr(head, "base", head), "sample_rate", None)
+
+
+def _peak_memory_gb(dev: torch.device) -> float:
+    """CUDA's max allocated since the reset, else the process's max RSS."""
     if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    parts = build_parts(cfg, num_classes, dev)
-    if compile:
-        parts.model = torch.compile(parts.model)
+        return torch.cuda.max_memory_allocated(dev) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def bench_train(cfg: Config, warmup: int = 10, steps: int = 40, data: str | None = None) -> dict:
+    """Time `steps` optimisation steps after `warmup` ones (device synchronised at both ends); one result row.
+
+    Everything the trainer takes comes from `cfg` and goes through the trainer's own `build_parts` and
+    `optimisation_step`: backbone, head and its parameters (GIF codes, sample_rate, UNPG), regularizers, optimizer,
+    precision, channels_last and train.compile. Batches are synthetic on the device, or read from the .rec folder
+    `data` through the real loader with data.num_workers workers.
+    """
+    if warmup < 0 or steps < 1:
+        raise ConfigError(f"bench train needs --warmup >= 0 and --steps >= 1, got {warmup} and {steps}")
+    dev = pick_device(cfg.train.device)
+    num_classes, size_from = _head_size(cfg)
+    configure_cuda(dev, cfg.train.tf32)
+    torch.manual_seed(cfg.train.seed)
+    parts = build_parts(cfg, num_classes, dev)  # compiles the backbone under train.compile
+    batch = cfg.train.batch_size
     batches = (
-        _from_records(Path(data), batch, dev, parts.channels_last, workers)
+        _from_records(Path(data), batch, dev, parts.channels_last, cfg.data.num_workers)
         if data
         else _synthetic(batch, num_classes, dev, parts.channels_last)
     )
-    for _ in range(warmup):
-        optimisation_step(parts, *next(batches))
-    _sync(dev)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    start = time.perf_counter()
-    for _ in range(steps):
-        optimisation_step(parts, *next(batches))
-    _sync(dev)
-    seconds = time.perf_counter() - start
-    peak_gb = (
-        torch.cuda.max_memory_allocated(dev) / 2**30
-        if dev.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-    )
+    seconds = _timed_steps(parts, batches, warmup, steps)
     return {
         "bench": "train",
-        "backbone": backbone,
-        "head": head,
-        "num_classes": num_classes,
+        "backbone": cfg.backbone["name"],
+        "head": cfg.head["name"],
+        "head_params": {k: v for k, v in cfg.head.items() if k != "name"},
+        "sample_rate": _sample_rate(parts.head),
+        "regularizers": cfg.regularizers,
+        "num_classes": parts.head.num_classes,
+        "num_classes_from": size_from,
         "batch": batch,
-        "precision": dtype,
+        "precision": cfg.train.precision,
         "amp_dtype": str(parts.amp_dtype).replace("torch.", "") if parts.amp_dtype else "fp32",
         "channels_last": parts.channels_last,
-        "compile": compile,
+        "compile": cfg.train.compile,
+        "optimizer": cfg.optim.name,
         "data": data or "synthetic-on-device",
         "steps": steps,
         "img_s": round(batch * steps / seconds, 1),
         "ms_step": round(1000 * seconds / steps, 2),
-        "peak_memory_gb": round(peak_gb, 2),
+        "peak_memory_gb": round(_peak_memory_gb(dev), 2),
         "peak_memory_kind": "cuda max_memory_allocated" if dev.type == "cuda" else "process max RSS",
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
     }
+
+
+def _timed_steps(parts: StepParts, batches: Iterator[tuple], warmup: int, steps: int) -> float:
+    """Seconds that `steps` optimisation steps take after `warmup` untimed ones (the device synchronised at both
+    ends; CUDA peak memory counted over the timed ones). The one place bench calls the step: as the trainer does,
+    the step's result is read on the host every LOG_EVERY steps (train.log_every's default), not every step."""
+    start = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            synchronize(parts.device)
+            if parts.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(parts.device)
+            start = time.perf_counter()
+        result = train_step(parts, *next(batches))
+        if (i + 1) % LOG_EVERY == 0:
+            result.read()
+    synchronize(parts.device)
+    return time.perf_counter() - start

@@ -44,10 +44,12 @@ class Parallel:
 def init_from_env(timeout_s: float) -> Parallel:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); alone without.
 
+    Under torchrun the group is joined even by a single process, so that one GPU runs the multi-GPU path (NCCL,
+    DDP, a class shard); a plain `python -m faceforge train` uses no torch.distributed at all.
     Collectives that wait longer than `timeout_s` (a rank died) raise instead of hanging.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and not all(k in os.environ for k in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
         return Parallel()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():

@@ -63,11 +63,28 @@ def save_codes(path: str | Path, book: Codebook) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def load_codes(path: str | Path) -> Codebook:
-    """Read and check a codes file: ConfigError when it is missing, DataError when it is malformed."""
+def _codes_file(path: str | Path) -> Path:
+    """`path` as a Path, or ConfigError when there is no such file."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"codes file {p} not found (make one with `faceforge tokenize`)")
+    return p
+
+
+def codes_identities(path: str | Path) -> int:
+    """How many identities a codes file covers, read from its header alone: sizes a GIF head (e.g. for a
+    benchmark) without reading millions of code vectors an extra time."""
+    p = _codes_file(path)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            return int(f.get_slice("codes").get_shape()[0])
+    except (SafetensorError, OSError) as exc:
+        raise DataError(f"cannot read codes file {p}: {exc}") from None
+
+
+def load_codes(path: str | Path) -> Codebook:
+    """Read and check a codes file: ConfigError when it is missing, DataError when it is malformed."""
+    p = _codes_file(path)
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = dict(f.metadata() or {})

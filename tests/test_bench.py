@@ -1,0 +1,64 @@
+"""`faceforge bench train` takes what `faceforge train` takes: a config, dotted overrides and shortcut flags reach
+the parts it times, and a bad key is a one-line error before any work."""
+
+import json
+
+import torch
+import yaml
+
+from faceforge.cli import main
+from faceforge.tokenizer.codebook import Codebook, save_codes
+
+QUICK = ["bench", "train", "--device", "cpu", "--warmup", "1", "--steps", "1", "--batch", "8"]
+
+
+def _row(capsys, *args: str) -> dict:
+    assert main([*QUICK, *args]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def _config_file(tmp_path, cfg) -> str:
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    return str(path)
+
+
+def test_config_overrides_and_sample_rate_reach_the_parts(tiny_config, tmp_path, capsys):
+    cfg = tiny_config(head={"name": "arcface", "s": 16.0, "m": 0.2, "unpg": {"k": 1.5}},
+                      regularizers=[{"name": "topofr", "alpha": 0.1, "xi": 0.2}])
+    row = _row(capsys, "--config", _config_file(tmp_path, cfg), "head.m=0.3", "optim.name=adamw",
+               "--sample-rate", "0.5", "--num-classes", "40")
+    assert row["head"] == "arcface" and row["head_params"]["m"] == 0.3 and row["head_params"]["unpg"] == {"k": 1.5}
+    assert row["sample_rate"] == 0.5  # read from the built head (UNPG's base), not echoed from the flag
+    assert row["num_classes"] == 40 and row["num_classes_from"] == "head.num_classes"
+    assert [r["name"] for r in row["regularizers"]] == ["topofr"] and row["optimizer"] == "adamw"
+    assert row["backbone"] == "tiny" and row["batch"] == 8 and row["steps"] == 1 and row["img_s"] > 0
+
+
+def test_gif_codes_decide_the_head_size(tiny_config, tmp_path, capsys):
+    codes = torch.tensor([[a, b] for a in range(4) for b in range(3)])  # 12 distinct codes over v = 4
+    save_codes(tmp_path / "codes.safetensors", Codebook(codes, torch.randn(12, 16), v=4))
+    cfg = tiny_config(head={"name": "gif", "codes": str(tmp_path / "codes.safetensors"), "head_dim": 8})
+    row = _row(capsys, "--config", _config_file(tmp_path, cfg))
+    assert row["head"] == "gif" and row["num_classes"] == 12 and row["num_classes_from"] == "head.codes"
+    assert row["sample_rate"] is None
+
+
+def test_flags_alone_build_on_the_defaults(capsys):
+    row = _row(capsys, "--backbone", "tiny", "--embedding-size", "16", "--num-classes", "8", "head.m=0.4")
+    assert row["head"] == "arcface" and row["head_params"]["m"] == 0.4 and row["precision"] == "auto"
+
+
+def test_bad_key_is_one_line_before_any_work(tiny_config, tmp_path, capsys, monkeypatch):
+    import faceforge.engine.bench as bench
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("stepped despite a bad key")
+
+    monkeypatch.setattr(bench, "optimisation_step", no_work)
+    path = _config_file(tmp_path, tiny_config())
+    for bad, message in [("train.bach_size=4", "unknown config key 'train.bach_size'"),
+                         ("head.unpg=3", "head.unpg must be a mapping")]:
+        assert main([*QUICK, "--config", path, bad]) == 2, bad
+        out = capsys.readouterr()
+        assert out.out == "" and len(out.err.strip().splitlines()) == 1 and message in out.err, out.err
