@@ -55,7 +55,7 @@ def test_bad_key_is_one_line_before_any_work(tiny_config, tmp_path, capsys, monk
     def no_work(*args, **kwargs):
         raise AssertionError("stepped despite a bad key")
 
-    monkeypatch.setattr(bench, "optimisation_step", no_work)
+    monkeypatch.setattr(bench, "train_step", no_work)
     path = _config_file(tmp_path, tiny_config())
     for bad, message in [("train.bach_size=4", "unknown config key 'train.bach_size'"),
                          ("head.unpg=3", "head.unpg must be a mapping")]:

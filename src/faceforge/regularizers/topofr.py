@@ -24,6 +24,7 @@ from faceforge.regularizers.base import RegOutput, Regularizer
 from faceforge.regularizers.rsp import random_structure_perturbation
 from faceforge.regularizers.sde import sde_weights
 from faceforge.registry import REGULARIZERS
+from faceforge.runtime import fp32_only
 from faceforge.topology import persistence0
 
 LOSSES = ("paper", "official")
