@@ -6,10 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench venv clean
 
+# faceforge (editable) with both extras, onnx and test, on the lock's pins.
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -r requirements.lock
-	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m pip install --quiet -r requirements.lock -e '.[onnx,test]'
 	touch $(STAMP)
 
 venv: $(STAMP)
