@@ -3,10 +3,16 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# `make lock` runs pip-compile from its own venv, at a fixed pip-tools version, so the lock does not depend on
+# whatever pip-tools happens to be installed; LOCK_ARGS passes more options, e.g. LOCK_ARGS=--upgrade.
+LOCK_VENV := .cache/lock-venv
+PIP_TOOLS := pip-tools==7.6.2
+LOCK_ARGS ?=
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench venv lock clean
 
-# faceforge (editable) with both extras, onnx and test, on the lock's pins.
+# The lock pins every package the venv holds; the editable faceforge with its two extras comes on top, so a
+# lock that missed a dependency would show up as an unpinned package in `pip freeze`.
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -r requirements.lock -e '.[onnx,test]'
@@ -22,6 +28,21 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
+
+# Re-resolve requirements.lock from pyproject.toml (core + the onnx and test extras) and requirements.in (the
+# torch pin). Existing pins are kept where they still fit; LOCK_ARGS=--upgrade moves all of them to the newest,
+# LOCK_ARGS='--upgrade-package numpy' one. torch must resolve to the CPU build: its local tag (+cpu) is dropped
+# so that `torch==X` is also met by a CUDA build of X, and a lock that pulled CUDA packages is refused.
+lock:
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet $(PIP_TOOLS)
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile --quiet --strip-extras --allow-unsafe \
+		--no-emit-index-url --no-emit-find-links --extra onnx --extra test --constraint requirements.in \
+		--output-file requirements.lock $(LOCK_ARGS) pyproject.toml
+	sed -i -E 's/^(torch==[^+ ]+)\+[A-Za-z0-9.]+$$/\1/' requirements.lock
+	@if grep -qiE '^(nvidia-|triton==)' requirements.lock; then \
+		echo "make lock: torch resolved to a CUDA build (nvidia-*/triton in requirements.lock); make the CPU torch wheel visible to pip and run it again" >&2; \
+		exit 1; fi
 
 clean:
 	rm -rf $(VENV) .cache runs
