@@ -9,10 +9,10 @@ LOCK_VENV := .cache/lock-venv
 PIP_TOOLS := pip-tools==7.6.2
 LOCK_ARGS ?=
 
-.PHONY: demo test bench venv lock clean
+.PHONY: demo test bench venv lock wheel wheel-check clean
 
-# The lock pins every package the venv holds; the editable faceforge with its two extras comes on top, so a
-# lock that missed a dependency would show up as an unpinned package in `pip freeze`.
+# The lock pins every package the venv holds (checked by tests/test_packaging.py); the editable faceforge with
+# its two extras comes on top, so a lock that missed a dependency would show up there as an unpinned package.
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -r requirements.lock -e '.[onnx,test]'
@@ -44,5 +44,15 @@ lock:
 		echo "make lock: torch resolved to a CUDA build (nvidia-*/triton in requirements.lock); make the CPU torch wheel visible to pip and run it again" >&2; \
 		exit 1; fi
 
+# dist/faceforge-VERSION-py3-none-any.whl, to pip-install into any environment that has (or may get) torch.
+wheel: $(STAMP)
+	rm -rf build dist
+	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir dist .
+
+# Builds the wheel, installs it into a fresh venv that already holds the CPU torch, checks that torch is kept,
+# and runs `faceforge --version`, `faceforge demo --help` and a 2-step train there (a few minutes; needs the index).
+wheel-check: $(STAMP)
+	FACEFORGE_WHEEL_CHECK=1 $(BIN)/python -m pytest -s tests/test_packaging.py::test_wheel_installs_into_a_fresh_venv_next_to_torch
+
 clean:
-	rm -rf $(VENV) .cache runs
+	rm -rf $(VENV) .cache runs build dist

@@ -1,13 +1,18 @@
 """Packaging: requirements.lock pins exactly what the project's venv holds, the wheel's metadata only asks for lower
-bounds (so it installs next to a user's CUDA torch), the recipes ship in the package, `faceforge --version`."""
+bounds (so it installs next to a user's CUDA torch), the recipes ship in the package, `faceforge --version`; and,
+under `make wheel-check` only, the built wheel installed into a fresh venv that already holds torch."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from importlib import resources
 from pathlib import Path
 
@@ -167,3 +172,69 @@ def test_recipes_ship_in_the_package():
     assert sorted(p.name for p in (REPO / "configs").glob("*.yaml")) == names
     assert (REPO / "configs").resolve() == (REPO / "src/faceforge/configs").resolve()
     assert "configs/*.yaml" in PYPROJECT["tool"]["setuptools"]["package-data"]["faceforge"]
+
+
+def run(cmd: list, **kwargs) -> str:
+    done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
+    assert done.returncode == 0, f"{' '.join(map(str, cmd))} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+@pytest.mark.skipif(not os.environ.get("FACEFORGE_WHEEL_CHECK"),
+                    reason="builds and installs the wheel into a new venv (minutes, needs the index): make wheel-check")
+def test_wheel_installs_into_a_fresh_venv_next_to_torch(tmp_path):
+    # Build from the tracked sources only, away from the repo's build/ and egg-info.
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(REPO / "pyproject.toml", src)
+    shutil.copytree(REPO / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", tmp_path / "dist", src])
+    (wheel,) = (tmp_path / "dist").glob("faceforge-*.whl")
+    assert wheel.name == f"faceforge-{faceforge.__version__}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel) as zf:
+        files = set(zf.namelist())
+        metadata = zf.read(f"faceforge-{faceforge.__version__}.dist-info/METADATA").decode()
+    recipes = {p.name for p in (REPO / "src/faceforge/configs").glob("*.yaml")}
+    assert {f"faceforge/configs/{n}" for n in recipes} <= files
+    assert "Requires-Dist: torch>=2.4\n" in metadata
+    print(f"\n$ pip wheel --no-deps .\n{wheel.name}: {wheel.stat().st_size / 1024:.0f} KiB, {len(files)} files")
+
+    # A fresh venv that already holds a torch (here the CPU build this venv has; for a user, their CUDA build).
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", venv])
+    py, exe = venv / "bin/python", venv / "bin/faceforge"
+    run([py, "-m", "pip", "install", "--quiet", f"torch=={importlib.metadata.version('torch')}"])
+    site = Path(run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip())
+
+    def torch_install():
+        (record,) = site.glob("torch-*.dist-info/RECORD")
+        return record.parent.name, record.stat().st_mtime_ns
+
+    before = torch_install()
+    # The lock as constraints: the same versions as the project's venv, from pip's cache where it has them.
+    run([py, "-m", "pip", "install", "--quiet", "--constraint", LOCK, wheel])
+    assert torch_install() == before, "installing the wheel replaced the torch that was there"
+    assert run([py, "-c", "import importlib.util as u; print(u.find_spec('onnx'))"]).strip() == "None", \
+        "the core install pulled in onnx, which belongs to faceforge[onnx]"
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    work = tmp_path / "work"
+    work.mkdir()
+    print(f"$ pip install torch=={importlib.metadata.version('torch')}; pip install {wheel.name}\n"
+          f"kept {before[0]}; onnx not installed")
+    version = run([exe, "--version"], cwd=work, env=env)
+    assert version.strip() == f"faceforge {faceforge.__version__}"
+    usage = run([exe, "demo", "--help"], cwd=work, env=env)
+    assert "usage: faceforge demo" in usage
+    print(f"$ faceforge --version\n{version.strip()}\n$ faceforge demo --help\n{usage.splitlines()[0]}")
+    recipe = Path(run([py, "-c", "from importlib import resources; "
+                       "print(resources.files('faceforge') / 'configs' / 'synthface_arcface.yaml')"], cwd=work).strip())
+    assert recipe.is_relative_to(site), f"the recipe came from {recipe}, not from the installed wheel"
+    out = run([exe, "train", recipe, "synthface.identities=12", "synthface.images_per_id=4",
+               "synthface.eval_identities=20", "synthface.eval_images_per_id=2", "synthface.pairs=20",
+               "train.max_steps=2", "train.batch_size=16", "train.log_every=1", "train.progress_bar=false",
+               "train.run_name=wheel-check"], cwd=work, env={**env, "OMP_NUM_THREADS": "2"})
+    print(f"$ faceforge train .../site-packages/faceforge/configs/synthface_arcface.yaml train.max_steps=2 ...\n"
+          f"{out.strip().splitlines()[-1]}")
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and (work / "runs/wheel-check/summary.json").is_file()
