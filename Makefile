@@ -45,9 +45,10 @@ lock:
 		exit 1; fi
 
 # dist/faceforge-VERSION-py3-none-any.whl, to pip-install into any environment that has (or may get) torch.
-wheel: $(STAMP)
+# Needs only pip (and the index, for setuptools), not the dev venv.
+wheel:
 	rm -rf build dist
-	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir dist .
+	$(PYTHON) -m pip wheel --quiet --no-deps --wheel-dir dist .
 
 # Builds the wheel, installs it into a fresh venv that already holds the CPU torch, checks that torch is kept,
 # and runs `faceforge --version`, `faceforge demo --help` and a 2-step train there (a few minutes; needs the index).
