@@ -56,7 +56,7 @@ def test_model_input_range_and_flip():
         assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(2))
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")) + [REPO / "src/faceforge/configs/demo.yaml"])
+@pytest.mark.parametrize("path", sorted((REPO / "src/faceforge/configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
     cfg = load_config(path)
     tables = [(BACKBONES, cfg.backbone), (HEADS, cfg.head)] + [(REGULARIZERS, r) for r in cfg.regularizers]

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from faceforge import __version__
 from faceforge.errors import FaceforgeError
 
 
@@ -189,6 +190,7 @@ def _model_options(p: argparse.ArgumentParser, batch_size: int | None = None, pr
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="faceforge", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"faceforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="SynthFace + a small ArcFace model on the CPU in minutes, with baselines")
