@@ -133,6 +133,19 @@ def test_prefetch_to_device_delivers_the_plain_batches(tiny_data):
         assert torch.equal(a, b) and torch.equal(la, lb) and sa == sb
 
 
+
+def test_in_memory_batches_are_pinned_and_equal_the_records(tiny_data):
+    """data.in_memory on CUDA gathers each batch into page-locked memory (so its copy overlaps the step); the
+    batches are the records', in the plan's order."""
+    dataset = RecordDataset(tiny_data)
+    plan = BatchPlan(len(dataset), 8, seed=0)
+    pinned = TrainLoader(dataset, plan, num_workers=0, in_memory=True, pin_memory=True, progress=False)
+    plain = TrainLoader(dataset, plan, num_workers=0, progress=False)
+    got = list(pinned.epoch(0))
+    assert got and all(images.is_pinned() for images, _, _ in got)
+    for (a, la, _), (b, lb, _) in zip(got, plain.epoch(0)):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
 def _adamw_run(tiny_config, name: str, cut: int | None):
     """Six fp32 AdamW steps on CUDA, uninterrupted or stopped after `cut` steps and resumed from the checkpoint."""
     from faceforge.engine.trainer import Trainer
