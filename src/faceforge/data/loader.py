@@ -116,6 +116,7 @@ class TrainLoader:
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             prefetch_factor=4 if self.num_workers > 0 else None,
+            generator=torch.Generator().manual_seed(self.plan.seed),  # not the global RNG: resume replays its draws
         )
         for batch in loader:
             if isinstance(batch, FaceforgeError):
