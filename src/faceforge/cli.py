@@ -26,10 +26,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config:
             args.overrides.insert(0, args.config)
-        trainer = Trainer.resume(args.resume, args.overrides)
+        trainer = Trainer.resume(args.resume, args.overrides, step=args.step)
     else:
-        if not args.config:
-            raise FaceforgeError("train needs a CONFIG.yaml (or --resume RUN_DIR)")
+        if not args.config or args.step is not None:
+            raise FaceforgeError("train needs a CONFIG.yaml, or --resume RUN_DIR [--step N]")
         trainer = Trainer.start(load_config(args.config, args.overrides))
     summary = trainer.fit()
     shutdown()
@@ -191,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train from a YAML config, or resume a run folder")
     p.add_argument("config", nargs="?", help="CONFIG.yaml")
     p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. head.m=0.4)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest intact checkpoint")
+    p.add_argument("--step", type=int, metavar="N", help="with --resume: from the kept checkpoint of step N "
+                                                         "(later checkpoints and metrics are dropped)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="verification .bin sets and IJB-B/C folders -> one report (report.md, JSON, plots)")

@@ -1,4 +1,4 @@
-"""Training checkpoints: weights as safetensors plus a trainer-state file, both written atomically.
+"""Training checkpoints: weights as safetensors plus a trainer-state file (optimizer, scaler, RNG, counters).
 
 Both are independent of the number of processes: class-sharded head tensors (centres and their optimizer state)
 are gathered whole before writing and sliced to the reading rank's shard on loading.
@@ -6,7 +6,6 @@ are gathered whole before writing and sliced to the reading rank's shard on load
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -14,9 +13,11 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
+from faceforge.engine import checkpoint_files as files
 from faceforge.engine.parallel import Parallel, gather_rows, own_rows
+from faceforge.engine.step import StepParts
 from faceforge.errors import DataError
-from faceforge.fileio import LATEST, atomic_write
+from faceforge.fileio import load_into, load_weights, split_state
 from faceforge.heads import Head
 
 
@@ -76,22 +77,47 @@ def load_optimizer_state(
         }
 
 
-def save_checkpoint(
-    ckpt_dir: Path, step: int, backbone: nn.Module, head: Head, trainer_state: dict, par: Parallel | None = None
-) -> Path:
-    """Write step_N.safetensors and step_N.state.pt (rank 0), then point latest.json at them; every rank calls it."""
+def save_checkpoint(ckpt_dir: Path, step: int, backbone: nn.Module, head: Head, trainer_state: dict,
+                    par: Parallel | None = None, keep: int = 0, device: torch.device | None = None) -> Path:
+    """Write step_N.safetensors and step_N.state.pt (rank 0), record them in latest.json, keep the newest `keep`.
+
+    Every rank calls it. Under torchrun rank 0 then broadcasts whether the write worked (a tensor on `device`, the
+    one the process group serves), so that every rank stops with CheckpointNotWritten when it did not.
+    """
     par = par or Parallel()
-    weights = ckpt_dir / f"step_{step:08d}.safetensors"
-    state = ckpt_dir / f"step_{step:08d}.state.pt"
     tensors = model_state(backbone, head, par)
+    failure = None
     if par.is_main:
-        atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"step": str(step)}))
-        atomic_write(state, lambda tmp: torch.save(trainer_state, tmp))
-        latest = {"step": step, "weights": weights.name, "state": state.name}
-        atomic_write(ckpt_dir / LATEST, lambda tmp: Path(tmp).write_text(json.dumps(latest)))
+        writers = {
+            files.weights_name(step): lambda tmp: save_file(tensors, tmp, metadata={"step": str(step)}),
+            files.state_name(step): lambda tmp: torch.save(trainer_state, tmp),
+        }
+        try:
+            files.write_checkpoint(ckpt_dir, step, writers, keep)
+        except files.CheckpointNotWritten as exc:
+            failure = exc
     if par.active:
-        dist.barrier(group=par.group)
-    return weights
+        ok = torch.tensor(float(failure is None), device=device or torch.device("cpu"))
+        dist.broadcast(ok, src=0, group=par.group)
+        if not par.is_main and not bool(ok):
+            failure = files.CheckpointNotWritten(f"rank 0 could not write the checkpoint of step {step} (its "
+                                                 "message says why); the previous checkpoints are intact")
+    if failure is not None:
+        raise failure
+    return ckpt_dir / files.weights_name(step)
+
+
+def load_checkpoint(ckpt_dir: Path, step: int, parts: StepParts) -> dict:
+    """Load checkpoint `step` into `parts` (weights, optimizer, scaler, RNG); returns its run counters."""
+    weights = ckpt_dir / files.weights_name(step)
+    state = load_weights(weights)
+    load_into(parts.backbone, split_state(state, "backbone"), f"{weights} (backbone)")
+    load_into(parts.head, shard_head_state(parts.head, split_state(state, "head")), f"{weights} (head)")
+    saved = load_trainer_state(ckpt_dir / files.state_name(step))
+    load_optimizer_state(parts.optimizer, parts.backbone, parts.head, saved["optimizer"])
+    parts.scaler.load_state_dict(saved["scaler"])
+    torch.set_rng_state(saved["rng"])
+    return saved["run"]
 
 
 def load_trainer_state(path: Path) -> dict:

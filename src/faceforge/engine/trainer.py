@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -16,6 +17,7 @@ from faceforge.config import Config, dump_config, load_config
 from faceforge.data.loader import Batch, BatchPlan, TrainLoader, prefetch_to_device, to_model_input
 from faceforge import fileio
 from faceforge.engine import checkpoint as ckpt
+from faceforge.engine import checkpoint_files as files
 from faceforge.engine.datasets import open_training_set, validation_bins
 from faceforge.engine.optim import lr_factor, set_lr
 from faceforge.engine.parallel import init_from_env
@@ -76,6 +78,7 @@ class Trainer:
         self.val_sets = [VerificationSet.load(p) for p in bins] if self.par.is_main else []
         self.total_steps = t.max_steps or t.epochs * len(self.plan)
         self.state = RunState()
+        self.saved_step: int | None = None  # the step of the newest checkpoint of this run
         run_dir = self._shared(run_dir or RunLog.new_dir(cfg))
         self.log = RunLog(run_dir, fresh=not resuming) if self.par.is_main else SilentRunLog(run_dir)
         if not resuming:
@@ -108,25 +111,41 @@ class Trainer:
             fileio.load_into(self.head, head_state, f"init_from {path} (head)")
 
     @classmethod
-    def resume(cls, run_dir: str | Path, overrides: list[str] | None = None) -> "Trainer":
-        """Rebuild a run from its config.yaml and its newest checkpoint."""
+    def resume(cls, run_dir: str | Path, overrides: list[str] | None = None, step: int | None = None) -> "Trainer":
+        """Rebuild a run from its config.yaml and a checkpoint: `step`'s, else the newest intact one.
+
+        Checkpoints passed over (damaged) or after `step` are dropped, and so are the metrics logged after it.
+        """
         run_dir = Path(run_dir)
-        weights, state_path = fileio.latest_checkpoint(run_dir)
+        files.read_index(run_dir / "checkpoints")  # one line when there is no checkpoint, before building anything
         cfg = load_config(run_dir / "config.yaml", overrides or [])
         trainer = cls(cfg, run_dir=run_dir, resuming=True)
-        state = fileio.load_weights(weights)
-        fileio.load_into(trainer.backbone, fileio.split_state(state, "backbone"), f"{weights} (backbone)")
-        head_state = ckpt.shard_head_state(trainer.head, fileio.split_state(state, "head"))
-        fileio.load_into(trainer.head, head_state, f"{weights} (head)")
-        saved = ckpt.load_trainer_state(state_path)
-        ckpt.load_optimizer_state(trainer.optimizer, trainer.backbone, trainer.head, saved["optimizer"])
-        trainer.parts.scaler.load_state_dict(saved["scaler"])
-        torch.set_rng_state(saved["rng"])
-        trainer.state = RunState(**saved["run"])
+        step = trainer._choose_checkpoint(step)
+        trainer.state = RunState(**ckpt.load_checkpoint(run_dir / "checkpoints", step, trainer.parts))
+        trainer.saved_step = step
         trainer.log.truncate_after(trainer.state.step)
         if overrides:
             trainer.log.write_text("config.yaml", dump_config(cfg))
         return trainer
+
+    def _choose_checkpoint(self, step: int | None) -> int:
+        """Rank 0 verifies the checkpoints, picks one (one warning line for those passed over) and drops the later
+        ones; every rank gets its step, or its error."""
+        picked: tuple[dict, list[str]] | FaceforgeError | None = None
+        ckpt_dir = self.log.dir / "checkpoints"
+        if self.par.is_main:
+            try:
+                picked = files.choose(ckpt_dir, step)
+                files.rewind(ckpt_dir, picked[0]["step"])
+            except FaceforgeError as exc:
+                picked = exc
+        picked = self._shared(picked)
+        if isinstance(picked, FaceforgeError):
+            raise picked
+        entry, passed_over = picked
+        if passed_over and self.par.is_main:
+            print(f"faceforge: warning: {'; '.join(passed_over)}; resuming from step {entry['step']}", file=sys.stderr)
+        return entry["step"]
 
     def progress(self) -> float:
         """Fraction of training done: elapsed time over the budget when one is set, else steps over total."""
@@ -156,16 +175,20 @@ class Trainer:
         return cls(cfg, run_dir=run_dir if run_id else None)
 
     def save(self) -> Path:
-        """A checkpoint every rank takes part in (sharded centres are gathered); rank 0 writes it."""
-        trainer_state = {
-            "optimizer": ckpt.optimizer_state(self.optimizer, self.backbone, self.head, self.par),
-            "scaler": self.parts.scaler.state_dict(),
-            "rng": torch.get_rng_state(),
-            "run": asdict(self.state),
-        }
-        return ckpt.save_checkpoint(
-            self.log.dir / "checkpoints", self.state.step, self.backbone, self.head, trainer_state, self.par
-        )
+        """A checkpoint every rank takes part in (sharded centres are gathered); rank 0 writes it and
+        keeps the newest train.keep_checkpoints. Once per step: a second call at the same step writes nothing."""
+        step = self.state.step
+        if self.saved_step != step:
+            trainer_state = {
+                "optimizer": ckpt.optimizer_state(self.optimizer, self.backbone, self.head, self.par),
+                "scaler": self.parts.scaler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "run": asdict(self.state),
+            }
+            ckpt.save_checkpoint(self.log.dir / "checkpoints", step, self.backbone, self.head, trainer_state,
+                                 self.par, keep=self.cfg.train.keep_checkpoints, device=self.device)
+            self.saved_step = step
+        return self.log.dir / "checkpoints" / files.weights_name(step)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float] | None:
         """One optimisation step; returns its metrics, or None when the loss was not finite and the step skipped."""

@@ -1,0 +1,179 @@
+"""Checkpoints: retention, checksums verified on resume with fallback to the newest intact one, --step, a full
+disk."""
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from faceforge.engine import checkpoint_files as files
+from faceforge.engine.trainer import Trainer
+from faceforge.errors import ConfigError, DataError
+from faceforge.fileio import LATEST
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in lines if "event" not in r]
+
+
+def _ckpt_files(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+def _index(run_dir: Path) -> dict:
+    return json.loads((run_dir / "checkpoints" / LATEST).read_text())
+
+
+def _cut_run(tiny_config, name: str = "cut", until: int = 10, **train) -> Path:
+    """A run of 10 steps with a checkpoint every 2, stopped at `until`."""
+    trainer = Trainer(tiny_config(train={"run_name": name, "max_steps": 10, "checkpoint_every": 2, **train}))
+    trainer.fit(until_step=until)
+    return trainer.log.dir
+
+
+def test_keeps_the_newest_k_with_their_checksums(tiny_config):
+    run = _cut_run(tiny_config, keep_checkpoints=3)
+    steps = [6, 8, 10]
+    assert _ckpt_files(run) == sorted([LATEST] + [files.weights_name(s) for s in steps] +
+                                      [files.state_name(s) for s in steps])
+    index = _index(run)
+    assert (index["step"], index["weights"]) == (10, files.weights_name(10))
+    assert [e["step"] for e in index["checkpoints"]] == steps
+    for entry in index["checkpoints"]:
+        for name, record in entry["files"].items():
+            path = run / "checkpoints" / name
+            assert record == {"bytes": path.stat().st_size, "sha256": files.sha256_file(path)}
+
+
+def test_keep_zero_keeps_every_checkpoint(tiny_config):
+    run = _cut_run(tiny_config, "all", keep_checkpoints=0)
+    assert [e["step"] for e in _index(run)["checkpoints"]] == [2, 4, 6, 8, 10]
+    assert len(_ckpt_files(run)) == 11
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated": (files.weights_name, _truncate, "is truncated"),
+    "deleted": (files.state_name, Path.unlink, "is missing"),
+    "corrupt": (files.weights_name, _flip_a_byte, "is corrupt"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_newest_falls_back_to_the_newest_intact_one(tiny_config, capsys, damage):
+    name_of, harm, said = DAMAGE[damage]
+    run = _cut_run(tiny_config, until=8)
+    harm(run / "checkpoints" / name_of(8))
+    capsys.readouterr()
+    resumed = Trainer.resume(run)
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and name_of(8) in warning[0] and said in warning[0], warning
+    assert warning[0].endswith("(step 8); resuming from step 6")
+    assert resumed.state.step == 6 and _index(run)["step"] == 6
+    assert files.weights_name(8) not in _ckpt_files(run)  # dropped: one line of checkpoints
+    assert max(step for step, _ in _losses(run)) == 6
+    assert resumed.fit()["steps"] == 10
+
+
+def test_no_intact_checkpoint_is_one_error_listing_what_was_tried(tiny_config):
+    run = _cut_run(tiny_config, until=6, keep_checkpoints=2)
+    _truncate(run / "checkpoints" / files.weights_name(6))
+    (run / "checkpoints" / files.state_name(4)).unlink()
+    with pytest.raises(DataError) as err:
+        Trainer.resume(run)
+    message = str(err.value)
+    assert "\n" not in message and "no intact checkpoint" in message
+    assert f"{files.weights_name(6)} is truncated" in message and f"{files.state_name(4)} is missing" in message
+    assert _index(run)["step"] == 6  # nothing dropped when nothing could be resumed
+
+
+def test_run_folder_from_before_checksums_still_resumes(tiny_config):
+    run = _cut_run(tiny_config, until=4)
+    (run / "checkpoints" / LATEST).write_text(json.dumps(
+        {"step": 4, "weights": files.weights_name(4), "state": files.state_name(4)}))
+    trainer = Trainer.resume(run)
+    assert trainer.state.step == 4
+    assert trainer.fit(until_step=6)["step"] == 6
+    assert [e["step"] for e in _index(run)["checkpoints"]] == [4, 6]
+
+
+def test_resume_from_a_chosen_step_equals_the_uninterrupted_run(tiny_config):
+    full = _cut_run(tiny_config, "full", keep_checkpoints=0)
+    run = _cut_run(tiny_config, keep_checkpoints=0)
+    with pytest.raises(ConfigError, match=r"no checkpoint of step 5 .*kept: steps 2, 4, 6, 8, 10"):
+        Trainer.resume(run, step=5)
+    resumed = Trainer.resume(run, step=4)
+    assert resumed.state.step == 4 and max(step for step, _ in _losses(run)) == 4
+    assert [e["step"] for e in _index(run)["checkpoints"]] == [2, 4]
+    resumed.fit()
+    assert _losses(run) == _losses(full)
+
+
+def _full_disk_writing(monkeypatch, name: str) -> None:
+    """The write of the checkpoint file `name` fills the disk half-way through."""
+    real = files.atomic_write
+
+    def atomic_write(path, write):
+        if Path(path).name != name:
+            return real(path, write)
+
+        def half(tmp):
+            write(tmp)
+            _truncate(Path(tmp))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        return real(path, half)
+
+    monkeypatch.setattr(files, "atomic_write", atomic_write)
+
+
+@pytest.mark.parametrize("name_of", [files.weights_name, files.state_name])
+def test_full_disk_keeps_the_previous_checkpoints_intact(tiny_config, monkeypatch, name_of):
+    trainer = Trainer(tiny_config(train={"run_name": "full-disk", "max_steps": 10, "checkpoint_every": 2}))
+    trainer.fit(until_step=4)
+    run = trainer.log.dir
+    before = {name: (run / "checkpoints" / name).read_bytes() for name in _ckpt_files(run)}
+    _full_disk_writing(monkeypatch, name_of(6))
+    with pytest.raises(files.CheckpointNotWritten) as err:
+        trainer.fit(until_step=8)
+    message = str(err.value)
+    assert "\n" not in message and "step 6" in message and "no space left on device" in message
+    assert "the previous checkpoints and latest.json are intact (newest: step 4)" in message
+    assert {name: (run / "checkpoints" / name).read_bytes() for name in _ckpt_files(run)} == before
+    monkeypatch.undo()
+    assert Trainer.resume(run).state.step == 4
+
+
+def test_full_disk_while_recording_latest_json(tiny_config, monkeypatch):
+    trainer = Trainer(tiny_config(train={"run_name": "full-index", "max_steps": 10, "checkpoint_every": 2}))
+    trainer.fit(until_step=2)
+    run = trainer.log.dir
+    before = _ckpt_files(run), _index(run)
+    real = files.atomic_write
+
+    def atomic_write(path, write):
+        if Path(path).name == LATEST:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, write)
+
+    monkeypatch.setattr(files, "atomic_write", atomic_write)
+    with pytest.raises(files.CheckpointNotWritten, match="intact"):
+        trainer.fit(until_step=4)
+    assert (_ckpt_files(run), _index(run)) == before  # the new step's files, written before, are removed
+
+
+def test_negative_keep_is_a_config_error(tiny_config):
+    with pytest.raises(ConfigError, match="train.keep_checkpoints must be >= 0"):
+        Trainer(tiny_config(train={"max_steps": 1, "keep_checkpoints": -1})).fit()
