@@ -1,5 +1,5 @@
 """Checkpoints: retention, checksums verified on resume with fallback to the newest intact one, --step, a full
-disk."""
+disk, and exact resume (RNG draws of sampling and TopoFR, SGD and AdamW state)."""
 
 import errno
 import json
@@ -7,7 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
+from faceforge.engine import checkpoint as ckpt
 from faceforge.engine import checkpoint_files as files
 from faceforge.engine.trainer import Trainer
 from faceforge.errors import ConfigError, DataError
@@ -177,3 +179,64 @@ def test_full_disk_while_recording_latest_json(tiny_config, monkeypatch):
 def test_negative_keep_is_a_config_error(tiny_config):
     with pytest.raises(ConfigError, match="train.keep_checkpoints must be >= 0"):
         Trainer(tiny_config(train={"max_steps": 1, "keep_checkpoints": -1})).fit()
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adamw"])
+def test_resume_replays_sampling_and_topofr_draws_and_optimizer_state(tiny_config, optim):
+    """PartialFC sampling, PTSA and SDE's random sign draw from the global generators the checkpoint carries: the
+    resumed run must draw what the uninterrupted one drew, and end with the same weights and optimizer state."""
+    sections = {"head": {"sample_rate": 0.5},
+                "regularizers": [{"name": "topofr", "alpha": 0.1, "xi": 0.5, "sde": True, "sde_sign": "random"}],
+                "optim": {"name": optim, "lr": 0.01 if optim == "adamw" else 0.05}}
+
+    def run(name):
+        return Trainer(tiny_config(train={"run_name": name, "max_steps": 6, "checkpoint_every": 3}, **sections))
+
+    full = run("full")
+    full.fit()
+    cut = run("cut")
+    cut.fit(until_step=3)
+    torch.manual_seed(1234)  # whatever the process drew since, the checkpoint's RNG state is what counts
+    resumed = Trainer.resume(cut.log.dir)
+    resumed.fit()
+    assert _losses(resumed.log.dir) == _losses(full.log.dir)
+    for key, value in ckpt.model_state(full.backbone, full.head).items():
+        assert torch.equal(ckpt.model_state(resumed.backbone, resumed.head)[key], value), key
+    want = ckpt.optimizer_state(full.optimizer, full.backbone, full.head, full.par)
+    got = ckpt.optimizer_state(resumed.optimizer, resumed.backbone, resumed.head, resumed.par)
+    assert want.keys() == got.keys() and want
+    for name in want:
+        assert want[name].keys() == got[name].keys()
+        for key in want[name]:
+            assert torch.equal(got[name][key], want[name][key]), (name, key)
+
+
+def test_optimizer_state_is_loaded_through_load_state_dict(tiny_config, monkeypatch):
+    run = _cut_run(tiny_config, until=2, keep_checkpoints=1)
+    calls = []
+    real = torch.optim.SGD.load_state_dict
+    monkeypatch.setattr(torch.optim.SGD, "load_state_dict", lambda self, sd: calls.append(sd) or real(self, sd))
+    trainer = Trainer.resume(run)
+    assert len(calls) == 1 and trainer.optimizer.state_dict()["state"]
+    assert trainer.optimizer.param_groups[0]["lr"] == trainer.cfg.optim.lr  # groups stay the config's
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_adamw_resumes_on_cuda(tiny_config):
+    cfg = dict(optim={"name": "adamw", "lr": 0.01}, train={"run_name": "cuda", "max_steps": 4, "device": "cuda",
+                                                          "checkpoint_every": 2})
+    full = Trainer(tiny_config(**cfg))
+    full.fit()
+    cut = Trainer(tiny_config(**{**cfg, "train": {**cfg["train"], "run_name": "cuda-cut"}}))
+    cut.fit(until_step=2)
+    resumed = Trainer.resume(cut.log.dir)
+    assert resumed.optimizer.defaults["fused"]
+    for state in resumed.optimizer.state.values():
+        assert state["step"].device.type == "cuda" and state["exp_avg"].device.type == "cuda"
+    rng = torch.cuda.get_rng_state(resumed.device)
+    resumed.fit()
+    assert torch.equal(rng, ckpt.load_trainer_state(cut.log.dir / "checkpoints" / files.state_name(2))
+                       ["rng"]["cuda"][0])
+    for key, value in ckpt.model_state(full.backbone, full.head).items():
+        torch.testing.assert_close(ckpt.model_state(resumed.backbone, resumed.head)[key], value)

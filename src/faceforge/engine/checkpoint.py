@@ -65,16 +65,54 @@ def shard_head_state(head: Head, state: dict[str, torch.Tensor]) -> dict[str, to
 def load_optimizer_state(
     optimizer: torch.optim.Optimizer, backbone: nn.Module, head: Head, saved: dict[str, dict[str, torch.Tensor]]
 ) -> None:
-    """Put name-keyed state back on this process's parameters, slicing class rows to its shard."""
+    """Put name-keyed state back on this process's parameters, class rows sliced to its shard.
+
+    It goes through the optimizer's own load_state_dict, which puts every value where that optimizer expects it:
+    a fused or capturable AdamW's `step` on the parameter's device, the other tensors on its device and dtype.
+    The param groups (learning rate, weight decay) stay those of the current config.
+    """
     cut = _class_keys(head)
+    index = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    state = {}
     for name, p in named_parameters(backbone, head).items():
         if name not in saved:
             raise DataError(f"trainer state has no optimizer state for {name}")
-        optimizer.state[p] = {
-            k: (own_rows(v, head.shard) if name in cut and v.ndim and v.shape[0] == head.num_classes else v).to(
-                p.device if v.ndim else v.device)
-            for k, v in saved[name].items()
-        }
+        if saved[name] and id(p) in index:
+            state[index[id(p)]] = {
+                k: own_rows(v, head.shard) if name in cut and v.ndim and v.shape[0] == head.num_classes else v
+                for k, v in saved[name].items()
+            }
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def rng_state(device: torch.device, par: Parallel) -> dict[str, list[torch.Tensor | None]]:
+    """Every rank's CPU generator state and, when it trains on CUDA, its device's generator state (rank order).
+
+    No head or regularizer owns a torch.Generator: PartialFC's class sampling (heads/base.py sample_classes), SDE's
+    random sign (regularizers/sde.py), PTSA's draws (regularizers/rsp.py), GIF's random codes and dropout all draw
+    from the global CPU or device generator, so these states make a resumed run replay every draw. (The flip mask
+    has a generator seeded from the step.)
+    """
+    mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    if not par.active:
+        return {k: [v] for k, v in mine.items()}
+    every: list = [None] * par.world_size
+    dist.all_gather_object(every, mine, group=par.group)
+    return {k: [ranks[k] for ranks in every] for k in mine}
+
+
+def restore_rng(saved: dict | torch.Tensor, device: torch.device, par: Parallel) -> None:
+    """Set this rank's generators from rng_state's record: its own at the same world size, else rank 0's."""
+    if torch.is_tensor(saved):  # checkpoints from before CUDA states: the CPU state of rank 0
+        saved = {"cpu": [saved], "cuda": [None]}
+
+    def own(states: list) -> torch.Tensor | None:
+        return states[par.rank] if len(states) == par.world_size else states[0]
+
+    torch.set_rng_state(own(saved["cpu"]))
+    cuda = own(saved["cuda"])
+    if device.type == "cuda" and cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, backbone: nn.Module, head: Head, trainer_state: dict,
@@ -108,7 +146,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, backbone: nn.Module, head: Head, 
 
 
 def load_checkpoint(ckpt_dir: Path, step: int, parts: StepParts) -> dict:
-    """Load checkpoint `step` into `parts` (weights, optimizer, scaler, RNG); returns its run counters."""
+    """Load checkpoint `step` into `parts` (weights, optimizer, scaler, this rank's RNG); returns its run counters."""
     weights = ckpt_dir / files.weights_name(step)
     state = load_weights(weights)
     load_into(parts.backbone, split_state(state, "backbone"), f"{weights} (backbone)")
@@ -116,7 +154,7 @@ def load_checkpoint(ckpt_dir: Path, step: int, parts: StepParts) -> dict:
     saved = load_trainer_state(ckpt_dir / files.state_name(step))
     load_optimizer_state(parts.optimizer, parts.backbone, parts.head, saved["optimizer"])
     parts.scaler.load_state_dict(saved["scaler"])
-    torch.set_rng_state(saved["rng"])
+    restore_rng(saved["rng"], parts.device, parts.par)
     return saved["run"]
 
 

@@ -175,14 +175,14 @@ class Trainer:
         return cls(cfg, run_dir=run_dir if run_id else None)
 
     def save(self) -> Path:
-        """A checkpoint every rank takes part in (sharded centres are gathered); rank 0 writes it and
+        """A checkpoint every rank takes part in (sharded centres gathered, every rank's RNG); rank 0 writes it and
         keeps the newest train.keep_checkpoints. Once per step: a second call at the same step writes nothing."""
         step = self.state.step
         if self.saved_step != step:
             trainer_state = {
                 "optimizer": ckpt.optimizer_state(self.optimizer, self.backbone, self.head, self.par),
                 "scaler": self.parts.scaler.state_dict(),
-                "rng": torch.get_rng_state(),
+                "rng": ckpt.rng_state(self.device, self.par),
                 "run": asdict(self.state),
             }
             ckpt.save_checkpoint(self.log.dir / "checkpoints", step, self.backbone, self.head, trainer_state,
