@@ -19,8 +19,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Train or resume; a stop on SIGTERM/SIGINT prints its one line (rank 0) and exits with 128 + the signal."""
     from faceforge.distributed import shutdown
     from faceforge.config import load_config
+    from faceforge.engine.stop import TrainingInterrupted
     from faceforge.engine.trainer import Trainer
 
     if args.resume:
@@ -31,7 +33,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.config or args.step is not None:
             raise FaceforgeError("train needs a CONFIG.yaml, or --resume RUN_DIR [--step N]")
         trainer = Trainer.start(load_config(args.config, args.overrides))
-    summary = trainer.fit()
+    try:
+        summary = trainer.fit()
+    except TrainingInterrupted as exc:
+        if trainer.par.is_main:
+            print(f"faceforge: {exc}", file=sys.stderr)
+        shutdown()
+        return 128 + exc.signum
     shutdown()
     print(json.dumps(summary, default=float))
     return 0

@@ -23,6 +23,7 @@ from faceforge.engine.optim import lr_factor, set_lr
 from faceforge.engine.parallel import init_from_env
 from faceforge.engine.step import build_parts, optimisation_step
 from faceforge.engine.run_log import RunLog, SilentRunLog
+from faceforge.engine.stop import StopOnSignal, TrainingInterrupted
 from faceforge.errors import ConfigError, DataError, FaceforgeError
 from faceforge.eval.verification import VerificationSet
 from faceforge.runtime import pick_device
@@ -233,14 +234,22 @@ class Trainer:
             ) from None
 
     def _fit(self, until_step: int | None) -> dict:
+        with StopOnSignal(self.par, self.device) as stop:
+            return self._fit_until(until_step, stop)
+
+    def _fit_until(self, until_step: int | None, stop: StopOnSignal) -> dict:
+        """The loop; on SIGTERM/SIGINT it ends after the step under way, writes a checkpoint and raises
+        TrainingInterrupted."""
         t = self.cfg.train
         bar = tqdm(total=self.total_steps if not t.time_budget_s else None, initial=self.state.step,
                    disable=not (t.progress_bar and self.par.is_main), desc="train", dynamic_ncols=True)
         window_start, window_images = time.perf_counter(), 0
-        while not self.done() and (until_step is None or self.state.step < until_step):
+        while not stop.agreed and not self.done() and (until_step is None or self.state.step < until_step):
             last = time.perf_counter()
             batches = self._checked(self.loader.epoch(self.state.epoch, self.state.batch_in_epoch))
             for images, labels, skipped in prefetch_to_device(batches, self.device):
+                if stop.poll():
+                    break
                 metrics = self.train_step(images, labels)
                 s = self.state
                 s.step += 1
@@ -280,6 +289,8 @@ class Trainer:
                 self._end_epoch(bar)
         bar.close()
         self.save()
+        if stop.agreed:
+            raise TrainingInterrupted(stop.agreed, self.state.step, self.log.dir)
         if until_step is not None and not self.done():
             return {"run_dir": str(self.log.dir), "step": self.state.step}
         results = self.evaluate()
