@@ -111,6 +111,9 @@ def test_run_folder_from_before_checksums_still_resumes(tiny_config):
     run = _cut_run(tiny_config, until=4)
     (run / "checkpoints" / LATEST).write_text(json.dumps(
         {"step": 4, "weights": files.weights_name(4), "state": files.state_name(4)}))
+    old_state = run / "checkpoints" / files.state_name(4)
+    saved = ckpt.load_trainer_state(old_state)
+    torch.save({**saved, "rng": saved["rng"]["cpu"][0]}, old_state)  # then: the CPU state alone
     trainer = Trainer.resume(run)
     assert trainer.state.step == 4
     assert trainer.fit(until_step=6)["step"] == 6
