@@ -16,7 +16,7 @@ from torch import nn
 from faceforge.engine import checkpoint_files as files
 from faceforge.engine.parallel import Parallel, gather_rows, own_rows
 from faceforge.engine.step import StepParts
-from faceforge.errors import DataError
+from faceforge.errors import DataError, FaceforgeError
 from faceforge.fileio import load_into, load_weights, split_state
 from faceforge.heads import Head
 
@@ -132,14 +132,14 @@ def save_checkpoint(ckpt_dir: Path, step: int, backbone: nn.Module, head: Head, 
         }
         try:
             files.write_checkpoint(ckpt_dir, step, writers, keep)
-        except files.CheckpointNotWritten as exc:
+        except FaceforgeError as exc:  # CheckpointNotWritten, or a bad train.keep_checkpoints
             failure = exc
     if par.active:
         ok = torch.tensor(float(failure is None), device=device or torch.device("cpu"))
         dist.broadcast(ok, src=0, group=par.group)
         if not par.is_main and not bool(ok):
-            failure = files.CheckpointNotWritten(f"rank 0 could not write the checkpoint of step {step} (its "
-                                                 "message says why); the previous checkpoints are intact")
+            failure = files.CheckpointNotWritten(f"rank 0 could not write the checkpoint of step {step}; "
+                                                 "its message says why")
     if failure is not None:
         raise failure
     return ckpt_dir / files.weights_name(step)
