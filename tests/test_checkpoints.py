@@ -234,7 +234,7 @@ def test_optimizer_state_is_loaded_through_load_state_dict(tiny_config, monkeypa
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fused_adamw_resumes_on_cuda(tiny_config):
     cfg = dict(optim={"name": "adamw", "lr": 0.01}, train={"run_name": "cuda", "max_steps": 4, "device": "cuda",
-                                                          "checkpoint_every": 2})
+                                                          "precision": "fp32", "checkpoint_every": 2})
     full = Trainer(tiny_config(**cfg))
     full.fit()
     cut = Trainer(tiny_config(**{**cfg, "train": {**cfg["train"], "run_name": "cuda-cut"}}))
@@ -247,8 +247,9 @@ def test_fused_adamw_resumes_on_cuda(tiny_config):
     resumed.fit()
     assert torch.equal(rng, ckpt.load_trainer_state(cut.log.dir / "checkpoints" / files.state_name(2))
                        ["rng"]["cuda"][0])
+    # cudnn.benchmark may pick other convolution kernels in each run: equal up to fp32 summation-order error
     for key, value in ckpt.model_state(full.backbone, full.head).items():
-        torch.testing.assert_close(ckpt.model_state(resumed.backbone, resumed.head)[key], value)
+        torch.testing.assert_close(ckpt.model_state(resumed.backbone, resumed.head)[key], value, rtol=1e-4, atol=1e-4)
 
 
 def test_sigint_ends_the_step_writes_a_checkpoint_and_restores_the_handlers(tiny_config, monkeypatch):
