@@ -20,19 +20,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Train or resume; a stop on SIGTERM/SIGINT prints its one line (rank 0) and exits with 128 + the signal."""
     from faceforge.distributed import shutdown
     from faceforge.config import load_config
+    from faceforge.engine.stop import TrainingInterrupted
     from faceforge.engine.trainer import Trainer
 
     if args.resume:
         if args.config:
             args.overrides.insert(0, args.config)
-        trainer = Trainer.resume(args.resume, args.overrides)
+        trainer = Trainer.resume(args.resume, args.overrides, step=args.step)
     else:
-        if not args.config:
-            raise FaceforgeError("train needs a CONFIG.yaml (or --resume RUN_DIR)")
+        if not args.config or args.step is not None:
+            raise FaceforgeError("train needs a CONFIG.yaml, or --resume RUN_DIR [--step N]")
         trainer = Trainer.start(load_config(args.config, args.overrides))
-    summary = trainer.fit()
+    try:
+        summary = trainer.fit()
+    except TrainingInterrupted as exc:
+        if trainer.par.is_main:
+            print(f"faceforge: {exc}", file=sys.stderr)
+        shutdown()
+        return 128 + exc.signum
     shutdown()
     print(json.dumps(summary, default=float))
     return 0
@@ -200,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train from a YAML config, or resume a run folder")
     p.add_argument("config", nargs="?", help="CONFIG.yaml")
     p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. head.m=0.4)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest intact checkpoint")
+    p.add_argument("--step", type=int, metavar="N", help="with --resume: from the kept checkpoint of step N "
+                                                         "(later checkpoints and metrics are dropped)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="verification .bin sets and IJB-B/C folders -> one report (report.md, JSON, plots)")

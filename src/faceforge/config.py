@@ -86,6 +86,7 @@ class TrainConfig:
     log_every: int = 20
     eval_every: int = 0  # steps between evaluations on data.val_bins; 0 = at the end only
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end only
+    keep_checkpoints: int = 3  # newest checkpoints kept (older ones deleted once a new one is on disk); 0 = all
     max_bad_steps: int = 20  # abort after this many consecutive non-finite losses
     init_from: str = ""  # weights (.safetensors or run folder) to fine-tune from
     out_dir: str = "runs"

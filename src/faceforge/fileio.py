@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -24,28 +25,49 @@ def _umask() -> int:
     return mask
 
 
+def _fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a rename is durable only once its folder is), where the filesystem allows it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some filesystems (network, FUSE) cannot fsync a folder; the rename still happened
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
-    """Call write(tmp_path) on a temp file beside `path`, then rename it over `path`: readers never see half a file."""
+    """Call write(tmp_path) on a temp file beside `path`, flush it to disk, rename it over `path`, flush the folder.
+
+    Readers never see half a file, and after a crash or power loss `path` holds the old or the new file whole.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result gets a normal file's permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
 def latest_checkpoint(run_dir: str | Path) -> tuple[Path, Path]:
-    """(weights, trainer state) paths of a run folder's newest checkpoint."""
+    """(weights, trainer state) paths of the checkpoint a run folder's checkpoints/latest.json names (its newest)."""
     pointer = Path(run_dir) / "checkpoints" / LATEST
     if not pointer.is_file():
         raise ConfigError(f"no checkpoint in {run_dir} (missing checkpoints/{LATEST})")
-    info = json.loads(pointer.read_text())
-    return pointer.parent / info["weights"], pointer.parent / info["state"]
+    try:
+        info = json.loads(pointer.read_text())
+        return pointer.parent / info["weights"], pointer.parent / info["state"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{pointer} is unreadable ({type(exc).__name__}: {exc})") from None
 
 
 def resolve_weights(path: str | Path) -> Path:

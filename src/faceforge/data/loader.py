@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -85,6 +86,14 @@ def load_into_memory(dataset: ImageDataset, progress: bool = True) -> tuple[torc
     return images, labels
 
 
+def _leave_stop_signals_to_the_parent(worker_id: int) -> None:
+    """Workers ignore SIGTERM and SIGINT: the training process stops at a step boundary on them and then ends its
+    workers, and a signal sent to the whole process group (a cluster's preemption, Ctrl-C) must not kill them
+    under it. A worker whose parent died still exits (DataLoader's watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class TrainLoader:
     """Yields (uint8 NHWC images, labels, skipped count) batches for an epoch, from RAM or from worker processes."""
 
@@ -119,6 +128,8 @@ class TrainLoader:
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             prefetch_factor=4 if self.num_workers > 0 else None,
+            generator=torch.Generator().manual_seed(self.plan.seed),  # not the global RNG: resume replays its draws
+            worker_init_fn=_leave_stop_signals_to_the_parent,
         )
         for batch in loader:
             if isinstance(batch, FaceforgeError):

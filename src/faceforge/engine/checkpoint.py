@@ -1,4 +1,4 @@
-"""Training checkpoints: weights as safetensors plus a trainer-state file, both written atomically.
+"""Training checkpoints: weights as safetensors plus a trainer-state file (optimizer, scaler, RNG, counters).
 
 Both are independent of the number of processes: class-sharded head tensors (centres and their optimizer state)
 are gathered whole before writing and sliced to the reading rank's shard on loading.
@@ -6,7 +6,6 @@ are gathered whole before writing and sliced to the reading rank's shard on load
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -14,9 +13,12 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
+from faceforge.engine import checkpoint_files as files
+from faceforge.distributed import all_reduce_scalars
 from faceforge.engine.parallel import Parallel, gather_rows, own_rows
-from faceforge.errors import DataError
-from faceforge.fileio import LATEST, atomic_write
+from faceforge.engine.step import StepParts
+from faceforge.errors import DataError, FaceforgeError
+from faceforge.fileio import load_into, load_weights, split_state
 from faceforge.heads import Head
 
 
@@ -64,34 +66,96 @@ def shard_head_state(head: Head, state: dict[str, torch.Tensor]) -> dict[str, to
 def load_optimizer_state(
     optimizer: torch.optim.Optimizer, backbone: nn.Module, head: Head, saved: dict[str, dict[str, torch.Tensor]]
 ) -> None:
-    """Put name-keyed state back on this process's parameters, slicing class rows to its shard."""
+    """Put name-keyed state back on this process's parameters, class rows sliced to its shard.
+
+    It goes through the optimizer's own load_state_dict, which puts every value where that optimizer expects it:
+    a fused or capturable AdamW's `step` on the parameter's device, the other tensors on its device and dtype.
+    The param groups (learning rate, weight decay) stay those of the current config.
+    """
     cut = _class_keys(head)
+    index = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    state = {}
     for name, p in named_parameters(backbone, head).items():
         if name not in saved:
             raise DataError(f"trainer state has no optimizer state for {name}")
-        optimizer.state[p] = {
-            k: (own_rows(v, head.shard) if name in cut and v.ndim and v.shape[0] == head.num_classes else v).to(
-                p.device if v.ndim else v.device)
-            for k, v in saved[name].items()
-        }
+        if saved[name] and id(p) in index:
+            state[index[id(p)]] = {
+                k: own_rows(v, head.shard) if name in cut and v.ndim and v.shape[0] == head.num_classes else v
+                for k, v in saved[name].items()
+            }
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
-def save_checkpoint(
-    ckpt_dir: Path, step: int, backbone: nn.Module, head: Head, trainer_state: dict, par: Parallel | None = None
-) -> Path:
-    """Write step_N.safetensors and step_N.state.pt (rank 0), then point latest.json at them; every rank calls it."""
+def rng_state(device: torch.device, par: Parallel) -> dict[str, list[torch.Tensor | None]]:
+    """Every rank's CPU generator state and, when it trains on CUDA, its device's generator state (rank order).
+
+    No head or regularizer owns a torch.Generator: PartialFC's class sampling (heads/base.py sample_classes), SDE's
+    random sign (regularizers/sde.py), PTSA's draws (regularizers/rsp.py), GIF's random codes and dropout all draw
+    from the global CPU or device generator, so these states make a resumed run replay every draw. (The flip mask
+    has a generator seeded from the step.)
+    """
+    mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    if not par.active:
+        return {k: [v] for k, v in mine.items()}
+    every: list = [None] * par.world_size
+    dist.all_gather_object(every, mine, group=par.group)
+    return {k: [ranks[k] for ranks in every] for k in mine}
+
+
+def restore_rng(saved: dict | torch.Tensor, device: torch.device, par: Parallel) -> None:
+    """Set this rank's generators from rng_state's record: its own at the same world size, else rank 0's."""
+    if torch.is_tensor(saved):  # checkpoints from before CUDA states: the CPU state of rank 0
+        saved = {"cpu": [saved], "cuda": [None]}
+
+    def own(states: list) -> torch.Tensor | None:
+        return states[par.rank] if len(states) == par.world_size else states[0]
+
+    torch.set_rng_state(own(saved["cpu"]))
+    cuda = own(saved["cuda"])
+    if device.type == "cuda" and cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, backbone: nn.Module, head: Head, trainer_state: dict,
+                    par: Parallel | None = None, keep: int = 0) -> Path:
+    """Write step_N.safetensors and step_N.state.pt (rank 0), record them in latest.json, keep the newest `keep`.
+
+    Every rank calls it. Under torchrun the ranks then agree (MIN) on whether rank 0's write worked, so that every
+    rank stops with CheckpointNotWritten when it did not.
+    """
     par = par or Parallel()
-    weights = ckpt_dir / f"step_{step:08d}.safetensors"
-    state = ckpt_dir / f"step_{step:08d}.state.pt"
     tensors = model_state(backbone, head, par)
+    failure = None
     if par.is_main:
-        atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"step": str(step)}))
-        atomic_write(state, lambda tmp: torch.save(trainer_state, tmp))
-        latest = {"step": step, "weights": weights.name, "state": state.name}
-        atomic_write(ckpt_dir / LATEST, lambda tmp: Path(tmp).write_text(json.dumps(latest)))
+        writers = {
+            files.weights_name(step): lambda tmp: save_file(tensors, tmp, metadata={"step": str(step)}),
+            files.state_name(step): lambda tmp: torch.save(trainer_state, tmp),
+        }
+        try:
+            files.write_checkpoint(ckpt_dir, step, writers, keep)
+        except FaceforgeError as exc:  # CheckpointNotWritten, or a bad train.keep_checkpoints
+            failure = exc
     if par.active:
-        dist.barrier(group=par.group)
-    return weights
+        ok = all_reduce_scalars([float(failure is None)], dist.ReduceOp.MIN, par.group, par.device)
+        if not par.is_main and not bool(ok[0]):
+            failure = files.CheckpointNotWritten(f"rank 0 could not write the checkpoint of step {step}; "
+                                                 "its message says why")
+    if failure is not None:
+        raise failure
+    return ckpt_dir / files.weights_name(step)
+
+
+def load_checkpoint(ckpt_dir: Path, step: int, parts: StepParts) -> dict:
+    """Load checkpoint `step` into `parts` (weights, optimizer, scaler, this rank's RNG); returns its run counters."""
+    weights = ckpt_dir / files.weights_name(step)
+    state = load_weights(weights)
+    load_into(parts.backbone, split_state(state, "backbone"), f"{weights} (backbone)")
+    load_into(parts.head, shard_head_state(parts.head, split_state(state, "head")), f"{weights} (head)")
+    saved = load_trainer_state(ckpt_dir / files.state_name(step))
+    load_optimizer_state(parts.optimizer, parts.backbone, parts.head, saved["optimizer"])
+    parts.scaler.load_state_dict(saved["scaler"])
+    restore_rng(saved["rng"], parts.device, parts.par)
+    return saved["run"]
 
 
 def load_trainer_state(path: Path) -> dict:

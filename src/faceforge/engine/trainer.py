@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 import traceback
 from collections.abc import Iterator
@@ -17,11 +18,13 @@ from faceforge.config import Config, dump_config, load_config
 from faceforge.data.loader import Batch, BatchPlan, TrainLoader, prefetch_to_device, to_model_input
 from faceforge import fileio
 from faceforge.engine import checkpoint as ckpt
+from faceforge.engine import checkpoint_files as files
 from faceforge.engine.datasets import open_training_set, validation_bins
 from faceforge.engine.optim import lr_factor, set_lr
 from faceforge.engine.parallel import init_from_env
 from faceforge.engine.step import StepResult, build_parts, train_step
 from faceforge.engine.run_log import RunLog, SilentRunLog
+from faceforge.engine.stop import StopOnSignal, TrainingInterrupted
 from faceforge.errors import ConfigError, DataError, FaceforgeError
 from faceforge.eval.verification import VerificationSet
 from faceforge.distributed import all_reduce_scalars
@@ -109,6 +112,7 @@ class Trainer:
         # Skipped steps and the current run of them, counted on the device and read when the loss is (log steps).
         self._skips = torch.zeros((), dtype=torch.int64, device=self.device)
         self._bad_run = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.saved_step: int | None = None  # the step of the newest checkpoint of this run
         run_dir = self._shared(run_dir or RunLog.new_dir(cfg))
         self.log = RunLog(run_dir, fresh=not resuming) if self.par.is_main else SilentRunLog(run_dir)
         if not resuming:
@@ -141,25 +145,41 @@ class Trainer:
             fileio.load_into(self.head, head_state, f"init_from {path} (head)")
 
     @classmethod
-    def resume(cls, run_dir: str | Path, overrides: list[str] | None = None) -> "Trainer":
-        """Rebuild a run from its config.yaml and its newest checkpoint."""
+    def resume(cls, run_dir: str | Path, overrides: list[str] | None = None, step: int | None = None) -> "Trainer":
+        """Rebuild a run from its config.yaml and a checkpoint: `step`'s, else the newest intact one.
+
+        Checkpoints passed over (damaged) or after `step` are dropped, and so are the metrics logged after it.
+        """
         run_dir = Path(run_dir)
-        weights, state_path = fileio.latest_checkpoint(run_dir)
+        files.read_index(run_dir / "checkpoints")  # one line when there is no checkpoint, before building anything
         cfg = load_config(run_dir / "config.yaml", overrides or [])
         trainer = cls(cfg, run_dir=run_dir, resuming=True)
-        state = fileio.load_weights(weights)
-        fileio.load_into(trainer.backbone, fileio.split_state(state, "backbone"), f"{weights} (backbone)")
-        head_state = ckpt.shard_head_state(trainer.head, fileio.split_state(state, "head"))
-        fileio.load_into(trainer.head, head_state, f"{weights} (head)")
-        saved = ckpt.load_trainer_state(state_path)
-        ckpt.load_optimizer_state(trainer.optimizer, trainer.backbone, trainer.head, saved["optimizer"])
-        trainer.parts.scaler.load_state_dict(saved["scaler"])
-        torch.set_rng_state(saved["rng"])
-        trainer.state = RunState(**saved["run"])
+        step = trainer._choose_checkpoint(step)
+        trainer.state = RunState(**ckpt.load_checkpoint(run_dir / "checkpoints", step, trainer.parts))
+        trainer.saved_step = step
         trainer.log.truncate_after(trainer.state.step)
         if overrides:
             trainer.log.write_text("config.yaml", dump_config(cfg))
         return trainer
+
+    def _choose_checkpoint(self, step: int | None) -> int:
+        """Rank 0 verifies the checkpoints, picks one (one warning line for those passed over) and drops the later
+        ones; every rank gets its step, or its error."""
+        picked: tuple[dict, list[str]] | FaceforgeError | None = None
+        ckpt_dir = self.log.dir / "checkpoints"
+        if self.par.is_main:
+            try:
+                picked = files.choose(ckpt_dir, step)
+                files.rewind(ckpt_dir, picked[0]["step"])
+            except FaceforgeError as exc:
+                picked = exc
+        picked = self._shared(picked)
+        if isinstance(picked, FaceforgeError):
+            raise picked
+        entry, passed_over = picked
+        if passed_over and self.par.is_main:
+            print(f"faceforge: warning: {'; '.join(passed_over)}; resuming from step {entry['step']}", file=sys.stderr)
+        return entry["step"]
 
     def progress(self) -> float:
         """Fraction of training done: elapsed time over the budget when one is set, else steps over total."""
@@ -189,17 +209,21 @@ class Trainer:
         return cls(cfg, run_dir=run_dir if run_id else None)
 
     def save(self) -> Path:
-        """A checkpoint every rank takes part in (sharded centres are gathered); rank 0 writes it."""
+        """A checkpoint every rank takes part in (sharded centres gathered, every rank's RNG); rank 0 writes it and
+        keeps the newest train.keep_checkpoints. Once per step: a second call at the same step writes nothing."""
         self._read_counters()
-        trainer_state = {
-            "optimizer": ckpt.optimizer_state(self.optimizer, self.backbone, self.head, self.par),
-            "scaler": self.parts.scaler.state_dict(),
-            "rng": torch.get_rng_state(),
-            "run": asdict(self.state),
-        }
-        return ckpt.save_checkpoint(
-            self.log.dir / "checkpoints", self.state.step, self.backbone, self.head, trainer_state, self.par
-        )
+        step = self.state.step
+        if self.saved_step != step:
+            trainer_state = {
+                "optimizer": ckpt.optimizer_state(self.optimizer, self.backbone, self.head, self.par),
+                "scaler": self.parts.scaler.state_dict(),
+                "rng": ckpt.rng_state(self.device, self.par),
+                "run": asdict(self.state),
+            }
+            ckpt.save_checkpoint(self.log.dir / "checkpoints", step, self.backbone, self.head, trainer_state,
+                                 self.par, keep=self.cfg.train.keep_checkpoints)
+            self.saved_step = step
+        return self.log.dir / "checkpoints" / files.weights_name(step)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
         """One optimisation step at the schedule's lr, its result left on the device (see `_log_step`)."""
@@ -272,15 +296,23 @@ class Trainer:
         return self.done() or (until_step is not None and self.state.step >= until_step)
 
     def _fit(self, until_step: int | None) -> dict:
+        with StopOnSignal(self.par, self.cfg.train.log_every) as stop:
+            return self._fit_until(until_step, stop)
+
+    def _fit_until(self, until_step: int | None, stop: StopOnSignal) -> dict:
+        """The loop; on SIGTERM/SIGINT it ends after the step under way, writes a checkpoint and raises
+        TrainingInterrupted."""
         t = self.cfg.train
         bar = tqdm(total=self.total_steps if not t.time_budget_s else None, initial=self.state.step,
                    disable=not (t.progress_bar and self.par.is_main), desc="train", dynamic_ncols=True)
         self._window = (time.perf_counter(), 0)
         self._bad_run.fill_(self.state.bad_in_a_row)  # a resumed run continues its count
-        while not self._stop(until_step):
+        while not stop.agreed and not self._stop(until_step):
             batches = self._checked(self.loader.epoch(self.state.epoch, self.state.batch_in_epoch))
             clock = time.perf_counter()  # a step's time includes waiting for its batch
             for images, labels, skipped in prefetch_to_device(batches, self.device):
+                if stop.poll(self.state.step):
+                    break
                 result = self.train_step(images, labels)
                 now = time.perf_counter()
                 self._advance(len(labels), skipped, now - clock)
@@ -295,10 +327,12 @@ class Trainer:
                 bar.update(1)
                 if self._stop(until_step):
                     break
-            if not self._stop(until_step):
+            if not stop.agreed and not self._stop(until_step):
                 self._end_epoch(bar)
         bar.close()
         self.save()
+        if stop.agreed:
+            raise TrainingInterrupted(stop.agreed, self.state.step, self.log.dir)
         if until_step is not None and not self.done():
             return {"run_dir": str(self.log.dir), "step": self.state.step}
         results = self.evaluate()
