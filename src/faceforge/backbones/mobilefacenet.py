@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from faceforge.backbones.iresnet import frozen_scale_bn1d, full_precision
+from faceforge.backbones.iresnet import full_precision
 from faceforge.registry import BACKBONES
 
 
@@ -81,7 +81,7 @@ class GDC(nn.Module):
             # flatten and dropout share one slot: they hold no weights and the key indices stay those of arcface_torch
             nn.Sequential(nn.Flatten(), nn.Dropout(dropout)),
             nn.Linear(channels, embedding_size, bias=False),
-            frozen_scale_bn1d(embedding_size),
+            nn.BatchNorm1d(embedding_size),  # scale and shift both train here, as in arcface_torch (IResNet: shift only)
         )
 
     def forward(self, x: Tensor) -> Tensor:
