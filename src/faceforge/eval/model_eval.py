@@ -16,7 +16,7 @@ from faceforge.errors import ConfigError
 from faceforge.eval.ijb import evaluate_ijb
 from faceforge.eval.metrics import threshold_at_far
 from faceforge.eval.report import eval_sections, image_link, plot_det, plot_roc, write_report
-from faceforge.eval.verification import VerificationSet, cosine_scores, embed_images
+from faceforge.eval.verification import VerificationSet, embed_views
 from faceforge.fileio import atomic_write, resolve_weights
 from faceforge.models import load_model, run_config, threshold_path
 from faceforge.runtime import pick_device
@@ -76,11 +76,8 @@ def evaluate_model(
             row, curve, scores, labels = ijb.row, ijb.curve, ijb.scores, ijb.labels
         else:
             vs = VerificationSet.load(path)
-            metrics, curve = vs.evaluate(model, device=dev, batch_size=batch_size, flip=flip)
-            row = {"set": vs.name, "pairs": vs.num_pairs, **metrics}
-            if (kind, path) == threshold_set:
-                fused = embed_images(model, vs.images, batch_size, dev, flip)
-                scores, labels = cosine_scores(fused[0::2], fused[1::2]), vs.issame
+            metrics, curve, scores = vs.score_views(*embed_views(model, vs.images, batch_size, dev, flip, amp=True))
+            row, labels = {"set": vs.name, "pairs": vs.num_pairs, **metrics}, vs.issame
         result.rows.append(row)
         result.curves[row["set"]] = curve
         if (kind, path) == threshold_set:
