@@ -1,6 +1,6 @@
 """`faceforge eval`: load a model (run folder, checkpoint, state dict, ONNX), score it on verification .bin sets and
 IJB folders, and write one report for all of them (report.md, results.json, ROC and DET plots, operating
-threshold)."""
+threshold). TAR@FAR readings that too few impostor pairs back are left out as not measurable."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from tqdm import tqdm
 
 from faceforge.errors import ConfigError
 from faceforge.eval.ijb import evaluate_ijb
-from faceforge.eval.metrics import threshold_at_far
-from faceforge.eval.report import eval_sections, image_link, plot_det, plot_roc, write_report
+from faceforge.eval.metrics import MIN_FALSE_ACCEPTS, threshold_at_far, unmeasurable_fars
+from faceforge.eval.report import NOT_MEASURABLE, eval_sections, image_link, plot_det, plot_roc, write_report
 from faceforge.eval.verification import VerificationSet, embed_views
 from faceforge.fileio import atomic_write, resolve_weights
 from faceforge.models import load_model, run_config, threshold_path
@@ -78,15 +78,29 @@ def evaluate_model(
             vs = VerificationSet.load(path)
             metrics, curve, scores = vs.score_views(*embed_views(model, vs.images, batch_size, dev, flip, amp=True))
             row, labels = {"set": vs.name, "pairs": vs.num_pairs, **metrics}, vs.issame
-        result.rows.append(row)
+        result.rows.append(mark_unmeasurable(row, labels))
         result.curves[row["set"]] = curve
         if (kind, path) == threshold_set:
             result.threshold = {"set": row["set"], "pairs": int(len(labels)), "target_far": threshold_far,
                                 **threshold_at_far(scores, labels, threshold_far),
+                                "measurable": not unmeasurable_fars([threshold_far], row["impostor_pairs"]),
                                 "score": "cosine of flip-fused embeddings" if flip else "cosine of embeddings",
                                 "decision": "same identity when score > threshold",
                                 "weights": result.weights.name}
     return result
+
+
+def mark_unmeasurable(row: dict, labels: np.ndarray) -> dict:
+    """The row with its impostor count, and TAR@FAR readings set to None (not measurable) where fewer than
+    MIN_FALSE_ACCEPTS impostor pairs would be accepted at that FAR."""
+    impostors = int(np.size(labels) - np.count_nonzero(labels))
+    gone = unmeasurable_fars(row["tar_at_far"], impostors)
+    row["impostor_pairs"] = impostors
+    row["not_measurable_fars"] = gone
+    for key in ("tar_at_far", "tar_at_far_nearest"):
+        if key in row:
+            row[key] = {far: None if far in gone else tar for far, tar in row[key].items()}
+    return row
 
 
 def write_evaluation(evaluation: Evaluation, out_dir: str | Path) -> Path:
@@ -109,8 +123,13 @@ def write_evaluation(evaluation: Evaluation, out_dir: str | Path) -> Path:
     return out / "report.md"
 
 
+def _tar(value: float | None, width: int = 0) -> str:
+    return f"{NOT_MEASURABLE if value is None else format(value, '.4f'):>{width}}"
+
+
 def format_table(rows: list[dict]) -> str:
-    """Fixed-width tables for the terminal: .bin sets (accuracy, TAR@FAR, AUC, XNorm), then IJB sets."""
+    """Fixed-width tables for the terminal: .bin sets (accuracy, TAR@FAR, AUC, XNorm), then IJB sets; a legend
+    when a TAR@FAR cell is not measurable."""
     lines = []
     bins = [r for r in rows if "accuracy" in r]
     if bins:
@@ -118,16 +137,18 @@ def format_table(rows: list[dict]) -> str:
         for r in bins:
             acc = f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}"
             lines.append(
-                f"{r['set']:<16}{r['pairs']:>7}{acc:>18}{r['tar_at_far'][1e-3]:>10.4f}{r['tar_at_far'][1e-2]:>10.4f}"
-                f"{r['auc']:>8.4f}{r['xnorm']:>8.2f}"
+                f"{r['set']:<16}{r['pairs']:>7}{acc:>18}{_tar(r['tar_at_far'][1e-3], 10)}"
+                f"{_tar(r['tar_at_far'][1e-2], 10)}{r['auc']:>8.4f}{r['xnorm']:>8.2f}"
             )
     for r in (r for r in rows if "tar_at_far_nearest" in r):
         fars = list(r["tar_at_far"])
         head = f"{r['set']} 1:1 ({r['pairs']} pairs, {r['mode']}), TAR at FAR "
         lines.append(head + " ".join(f"{f:.0e}" for f in fars))
-        lines.append(f"  {'interpolated':<14}" + " ".join(f"{r['tar_at_far'][f]:.4f}" for f in fars))
-        lines.append(f"  {'nearest (IF)':<14}" + " ".join(f"{r['tar_at_far_nearest'][f]:.4f}" for f in fars))
+        lines.append(f"  {'interpolated':<14}" + " ".join(_tar(r["tar_at_far"][f], 6) for f in fars))
+        lines.append(f"  {'nearest (IF)':<14}" + " ".join(_tar(r["tar_at_far_nearest"][f], 6) for f in fars))
         for gallery, rates in r.get("identification", {}).items():
             tpir = " ".join(f"TPIR@FPIR={f:.0e} {v:.4f}" for f, v in rates.get("tpir_at_fpir", {}).items())
             lines.append(f"  1:N {gallery:<5} rank-1 {rates['rank_1']:.4f} rank-5 {rates['rank_5']:.4f} {tpir}")
+    if any(r.get("not_measurable_fars") for r in rows):
+        lines.append(f"{NOT_MEASURABLE}: not measurable, fewer than {MIN_FALSE_ACCEPTS}/FAR impostor pairs")
     return "\n".join(lines)
