@@ -56,9 +56,12 @@ def export_onnx(model: nn.Module, out: str | Path, opset: int = 18) -> None:
     model = model.eval().cpu()
 
     def write(tmp: str) -> None:
-        quiet = logging.getLogger("torch.onnx")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)  # the exporter logs every optional op library it does not find
+        # torch.onnx logs every optional op library it does not find, onnxscript a traceback for each version it
+        # cannot convert to; what matters reaches the user as the opset check below
+        loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+        levels = [logger.level for logger in loggers]
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -66,7 +69,8 @@ def export_onnx(model: nn.Module, out: str | Path, opset: int = 18) -> None:
         except Exception as exc:  # torch.onnx raises many exception types (unsupported op, converter failure)
             raise ConfigError(f"cannot export at opset {opset}: {str(exc).strip().splitlines()[0]}") from None
         finally:
-            quiet.setLevel(level)
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
         written = written_opset(tmp)
         if written != opset:
             raise ConfigError(f"--opset {opset}: the exporter wrote opset {written}; nothing written")
