@@ -138,7 +138,7 @@ def format_table(rows: list[dict]) -> str:
             acc = f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}"
             lines.append(
                 f"{r['set']:<16}{r['pairs']:>7}{acc:>18}{_tar(r['tar_at_far'][1e-3], 10)}"
-                f"{_tar(r['tar_at_far'][1e-2], 10)}{r['auc']:>8.4f}{r['xnorm']:>8.2f}"
+                f"{_tar(r['tar_at_far'][1e-2], 10)}{r['auc']:>8.4f} {r['xnorm']:>7.2f}"
             )
     for r in (r for r in rows if "tar_at_far_nearest" in r):
         fars = list(r["tar_at_far"])
