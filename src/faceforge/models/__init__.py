@@ -13,10 +13,10 @@ from faceforge.models.loading import (
     run_config,
     threshold_path,
 )
-from faceforge.models.model import FACE_NORM, LoadedModel
+from faceforge.models.model import LoadedModel
 from faceforge.models.onnx import require_onnx
 
 __all__ = [
-    "FACE_NORM", "LoadedModel", "backbone_state", "check_backbone", "convert_model", "load_backbone", "load_model",
+    "LoadedModel", "backbone_state", "check_backbone", "convert_model", "load_backbone", "load_model",
     "model_info", "require_onnx", "run_config", "threshold_path",
 ]
