@@ -20,9 +20,9 @@ import numpy as np
 
 from faceforge.config import load_config
 from faceforge.engine.datasets import synthface_dir, validation_bins
-from faceforge.eval.model_eval import load_backbone
 from faceforge.eval.report import plot_roc
 from faceforge.eval.verification import VerificationSet
+from faceforge.models import load_backbone
 
 FARS = ("0.001", "0.01")
 

@@ -24,10 +24,10 @@ from faceforge.data.synthface import TRAIN, identity_params, image_params
 from faceforge.data.synthface_render import render_images, stack_params
 from faceforge.errors import ConfigError
 from faceforge.eval.identify import CodeTrie, brute_force_identify, gif_decode, load_gif_head
-from faceforge.eval.model_eval import load_backbone
 from faceforge.eval.verification import embed_images
+from faceforge.models import load_backbone
 from faceforge.runtime import pick_device, timed
-from faceforge.tokenizer.prototypes import checkpoint_encoder, mean_embeddings
+from faceforge.tokenizer.prototypes import mean_embeddings, model_encoder
 
 _RENDER_CHUNK = 48
 
@@ -81,7 +81,7 @@ def main() -> None:
                       "accuracy": round((brute == truth).float().mean().item(), 4),
                       "us_per_query": round(1e6 * brute_s / len(labels), 2)}), flush=True)
     if args.gallery_per_id:
-        encoder = checkpoint_encoder(args.weights, None, device, batch_size=256)
+        encoder = model_encoder(backbone, device, batch_size=256)
         dataset = RecordDataset(Path(args.synthface) / "train")
         gallery = mean_embeddings(dataset, head.num_classes, encoder, per_identity=args.gallery_per_id)[0].to(device)
         (found, _), gallery_s = timed(device, brute_force_identify, emb, gallery)

@@ -39,7 +39,7 @@ def test_user_errors_are_one_line(tiny_config, tmp_path):
     cases = [
         (("train", str(path), "train.bach_size=4"), "unknown config key 'train.bach_size'"),
         (("train", str(tmp_path / "missing.yaml")), "config file not found"),
-        (("eval", str(tmp_path / "nothing.safetensors"), "--bin", "x.bin"), "weights not found"),
+        (("eval", str(tmp_path / "nothing.safetensors"), "--bin", "x.bin"), "model not found"),
         (("bench", "flops", "--backbone", "r51"), "unknown backbone 'r51'"),
     ]
     for args, message in cases:

@@ -5,7 +5,6 @@ import io
 import json
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from PIL import Image
@@ -13,9 +12,12 @@ from safetensors.torch import save_file
 
 from faceforge import cli
 from faceforge.backbones import build_backbone
-from faceforge.errors import FaceforgeError
+from faceforge.errors import ConfigError, FaceforgeError
 from faceforge.eval.embed import Embedder
 from faceforge.export import onnx as onnx_export
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
 
 BACKBONE = {"name": "tiny", "embedding_size": 16, "stem": 8, "widths": [8, 16, 16]}
 
@@ -44,7 +46,7 @@ def exported(tmp_path_factory):
 def test_export_command_checks_parity_and_keeps_batch_dynamic(exported):
     folder, model, out, printed = exported
     result = json.loads(printed[-1])
-    assert "max abs difference" in printed[0]
+    assert "(opset 18)" in printed[0] and "max abs difference" in printed[0] and result["opset"] == 18
     assert result["max_abs_diff"] <= result["bound"] <= 1e-3 and result["embedding_size"] == 16
     graph = onnx.load(str(out)).graph
     assert [i.name for i in graph.input] == ["data"] and [o.name for o in graph.output] == ["embedding"]
@@ -73,4 +75,16 @@ def test_verify_with_onnx_uses_the_stored_threshold(exported, tmp_path, capsys):
     assert result["same"] == (result["cosine"] > 0.3)
     assert cli.main(["verify", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--model",
                      str(folder / "missing.onnx")]) == 2
-    assert "ONNX model not found" in capsys.readouterr().err
+    assert "model not found" in capsys.readouterr().err
+
+
+def test_export_writes_the_opset_asked_for_or_refuses(exported, tmp_path, capsys):
+    folder = exported[0]
+    out = tmp_path / "m11.onnx"
+    assert cli.main(["export", str(folder / "w.safetensors"), "--onnx", str(out), "--opset", "11"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["opset"] == 11
+    assert onnx_export.written_opset(out) == 11
+    assert [i.version for i in onnx.load(str(out)).opset_import if i.domain in ("", "ai.onnx")] == [11]
+    with pytest.raises(ConfigError, match="--opset 5: faceforge exports opsets 9 and up"):
+        onnx_export.export_onnx(exported[1], tmp_path / "m5.onnx", opset=5)
+    assert not (tmp_path / "m5.onnx").exists()

@@ -19,8 +19,8 @@ from faceforge.eval import ijb_scoring
 from faceforge.eval.ijb import evaluate_ijb
 from faceforge.eval.ijb_meta import read_ijb
 from faceforge.eval.ijb_scoring import pool_templates, score_pairs
-from faceforge.eval.model_eval import load_backbone
 from faceforge.eval.report import plot_det
+from faceforge.models import load_backbone
 
 SUBJECTS, PROBES_PER_SUBJECT = 6, 2
 BACKBONE = {"name": "tiny", "embedding_size": 16, "stem": 8, "widths": [8, 16, 16]}

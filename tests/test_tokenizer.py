@@ -15,8 +15,8 @@ from faceforge.tokenizer import (
     Codebook, build_codes, code_length, gaussian_potential, load_codes, neighbour_overlap, save_codes, spread,
 )
 from faceforge.tokenizer.pipeline import tokenize_dataset
-from faceforge.export.onnx import onnx_encoder
-from faceforge.tokenizer.prototypes import mean_embeddings
+from faceforge.models import load_model
+from faceforge.tokenizer.prototypes import mean_embeddings, model_encoder
 
 
 def _assert_valid(codes, n, v):
@@ -118,7 +118,7 @@ def test_tokenize_random_source(tiny_data, tmp_path):
     book = load_codes(out)
     assert book.codes.shape == (8, 2) and book.code_vectors.shape == (8, 16)
     assert book.meta["source"] == "random" and book.meta["epochs"] == "5"
-    with pytest.raises(ConfigError, match="--source 'model.pt'"):
+    with pytest.raises(ConfigError, match="model not found: model.pt"):
         tokenize_dataset(tiny_data, "model.pt", v=3, out=out, progress=False)
 
 
@@ -164,4 +164,5 @@ def test_onnx_source_resizes_and_normalises(tiny_data, tmp_path):
     x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
     with torch.no_grad():
         expected = model(x).numpy()
-    np.testing.assert_allclose(onnx_encoder(path, mean, std)(images), expected, rtol=1e-4, atol=1e-5)
+    encoder = model_encoder(load_model(path, pixel_mean=mean, pixel_std=std).module, torch.device("cpu"), 4)
+    np.testing.assert_allclose(encoder(images), expected, rtol=1e-4, atol=1e-5)

@@ -1,5 +1,5 @@
-"""Command line: `faceforge demo | train | eval | export | embed | verify | synth | tokenize | pack | pack-bin | bench`.
-User errors print one line."""
+"""Command line: `faceforge demo | train | eval | export | embed | verify | info | convert | synth | tokenize | pack |
+pack-bin | bench`. User errors print one line."""
 
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     evaluation = evaluate_model(
         args.weights, args.bins, args.ijb, backbone=args.backbone, batch_size=args.batch_size, device=args.device,
         flip=not args.no_flip, workers=args.workers, threshold_far=args.threshold_far, progress=not args.no_progress,
+        pixel_mean=args.pixel_mean, pixel_std=args.pixel_std,
     )
     print(format_table(evaluation.rows))
     report = write_evaluation(evaluation, args.out or default_out_dir(args.weights))
@@ -65,8 +66,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from faceforge.export.onnx import export_weights
 
     result = export_weights(args.weights, args.onnx, backbone=args.backbone, opset=args.opset)
-    print(f"wrote {result['onnx']}: onnxruntime vs PyTorch max abs difference {result['max_abs_diff']:.3g} "
-          f"(bound {result['bound']:.3g}, batches {result['batches']})")
+    print(f"wrote {result['onnx']} (opset {result['opset']}): onnxruntime vs PyTorch max abs difference "
+          f"{result['max_abs_diff']:.3g} (bound {result['bound']:.3g}, batches {result['batches']})")
     print(json.dumps(result))
     return 0
 
@@ -74,7 +75,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     from faceforge.eval.embed import Embedder, embed_folder
 
-    embedder = Embedder(args.model, backbone=args.backbone, device=args.device, batch_size=args.batch_size)
+    embedder = Embedder(args.model, backbone=args.backbone, device=args.device, batch_size=args.batch_size,
+                        pixel_mean=args.pixel_mean, pixel_std=args.pixel_std)
     print(json.dumps(embed_folder(embedder, args.images_dir, args.out, args.landmarks, normalize=not args.raw,
                                   progress=not args.no_progress)))
     return 0
@@ -83,10 +85,35 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from faceforge.eval.embed import Embedder, verify_pair
 
-    embedder = Embedder(args.model, backbone=args.backbone, device=args.device)
+    embedder = Embedder(args.model, backbone=args.backbone, device=args.device, pixel_mean=args.pixel_mean,
+                        pixel_std=args.pixel_std)
     result = verify_pair(embedder, args.image_a, args.image_b, args.landmarks, args.threshold)
     print(f"cosine {result['cosine']:.4f}: {'same' if result['same'] else 'different'} "
           f"(threshold {result['threshold']:.4f})")
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from faceforge.models import load_model, model_info
+
+    info = {"model": args.model, **model_info(load_model(args.model, args.backbone, args.pixel_mean, args.pixel_std))}
+    parameters = f"{info['parameters']:,}"
+    print(f"{info['architecture']}: embedding size {info['embedding_size']}, {parameters} parameters")
+    print(f"architecture: {info['architecture_from']}")
+    shape = ", ".join(map(str, info["input"]["shape"]))
+    print(f"input [{shape}] {info['input']['dtype']} {info['input']['channels']}, {info['input']['normalisation']}")
+    print(f"from {info['file']} ({info['format']})")
+    print(json.dumps(info))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from faceforge.models import convert_model
+
+    result = convert_model(args.model, args.out, args.backbone)
+    print(f"wrote {result['out']}: {result['architecture']}, embedding size {result['embedding_size']}, "
+          f"from {result['file']}")
     print(json.dumps(result))
     return 0
 
@@ -182,13 +209,23 @@ def cmd_bench_head(args: argparse.Namespace) -> int:
     return 0
 
 
-_BACKBONE_HELP = "backbone name, when the weights have no run folder with config.yaml"
+_MODEL_HELP = ("a faceforge run folder or checkpoint, a .safetensors / .pt / .pth / .bin state dict (arcface_torch), "
+               "an .onnx model, or a folder holding one of these")
+_BACKBONE_HELP = "architecture (r18 ... r200, mbf, mbf_large, tiny); read from the weights when not given"
+
+
+def _input_options(p: argparse.ArgumentParser) -> None:
+    """--backbone, and an ONNX model's input scaling."""
+    p.add_argument("--backbone", help=_BACKBONE_HELP)
+    p.add_argument("--pixel-mean", type=float, nargs=3, metavar="M",
+                   help="ONNX input: (pixel/255 - mean) / std, RGB (default 0.5 0.5 0.5: InsightFace's)")
+    p.add_argument("--pixel-std", type=float, nargs=3, metavar="S", help="ONNX input std (default 0.5 0.5 0.5)")
 
 
 def _model_options(p: argparse.ArgumentParser, batch_size: int | None = None, progress: bool = False) -> None:
-    """The options of every command that runs trained weights: --backbone, --device, and when asked
-    --batch-size (with this default) and --no-progress."""
-    p.add_argument("--backbone", help=_BACKBONE_HELP)
+    """The options of every command that runs a model: --backbone, the ONNX input scaling, --device, and when
+    asked --batch-size (with this default) and --no-progress."""
+    _input_options(p)
     p.add_argument("--device", default="auto")
     if batch_size is not None:
         p.add_argument("--batch-size", type=int, default=batch_size)
@@ -214,11 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="verification .bin sets and IJB-B/C folders -> one report (report.md, JSON, plots)")
-    p.add_argument("weights", help="a run folder or a .safetensors checkpoint")
+    p.add_argument("weights", metavar="MODEL", help=_MODEL_HELP)
     p.add_argument("--bin", dest="bins", action="append", default=[], help="verification .bin (repeatable)")
     p.add_argument("--ijb", action="append", default=[], metavar="IJB_ROOT",
                    help="IJB-B/C folder in InsightFace's layout: meta/, loose_crop/ (repeatable)")
-    p.add_argument("--out", help="report folder (default: <run folder>/eval, or eval/ beside the weights)")
+    p.add_argument("--out", help="report folder (default: <run folder>/eval, or eval/ beside the model file)")
     p.add_argument("--threshold-far", type=float, default=1e-4,
                    help="FAR of the verify threshold stored beside the weights (chosen on the first IJB set, "
                         "else the first .bin set)")
@@ -228,17 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="also print the rows as one JSON line")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("export", help="export trained weights to ONNX (dynamic batch), checked in onnxruntime")
-    p.add_argument("weights", help="a run folder or a .safetensors checkpoint")
+    p = sub.add_parser("export", help="export torch weights to ONNX (dynamic batch), checked in onnxruntime")
+    p.add_argument("weights", metavar="MODEL", help=_MODEL_HELP)
     p.add_argument("--onnx", required=True, help="output .onnx file")
     p.add_argument("--backbone", help=_BACKBONE_HELP)
-    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset, written exactly or refused (9 and up)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("embed", help="embed the face images of a folder (flip-fused, L2-normalised) into a .npy")
     p.add_argument("images_dir")
     p.add_argument("--out", required=True, help="output .npy ([N, D] float32); row names go to the same path .txt")
-    p.add_argument("--model", required=True, help="run folder, .safetensors or exported .onnx")
+    p.add_argument("--model", required=True, help=_MODEL_HELP)
     p.add_argument("--landmarks", help="file of 'relative/path.jpg x1 y1 ... x5 y5' lines: align raw images "
                                        "(without it the images must be aligned 112x112 crops)")
     p.add_argument("--raw", action="store_true", help="keep the embedding norms (no L2 normalisation)")
@@ -248,11 +285,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="cosine of two face images and same/different at the model's stored threshold")
     p.add_argument("image_a")
     p.add_argument("image_b")
-    p.add_argument("--model", required=True, help="run folder, .safetensors or exported .onnx")
+    p.add_argument("--model", required=True, help=_MODEL_HELP)
     p.add_argument("--threshold", type=float, help="decide at this cosine instead of the threshold stored by eval")
     p.add_argument("--landmarks", help="5-point landmarks file (keys: the paths as given, or file names)")
     _model_options(p)
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("info", help="a model's architecture, embedding size, parameters, input and where it came from")
+    p.add_argument("model", help=_MODEL_HELP)
+    _input_options(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="any torch model file -> a faceforge .safetensors (backbone weights)")
+    p.add_argument("model", help=_MODEL_HELP)
+    p.add_argument("out", help="output .safetensors")
+    p.add_argument("--backbone", help=_BACKBONE_HELP)
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("synth", help="generate a SynthFace set (train.rec/.idx/property + heldout.bin), "
                                      "or with --ijb a SynthFace IJB folder")
@@ -273,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tokenize", help="GIF identity codes: prototypes, uniformity spreading, balanced k-means")
     p.add_argument("--data", required=True, help="training set: a .rec folder, an image folder or 'synthface'")
     p.add_argument("--source", required=True,
-                   help="'random', a run folder / .safetensors checkpoint, or an .onnx image encoder")
+                   help="'random', or a model (" + _MODEL_HELP + "), e.g. an .onnx image encoder such as CLIP")
     p.add_argument("--v", type=int, default=16, help="vocabulary size (branches per k-means level)")
     p.add_argument("--out", required=True, help="codes file (.safetensors)")
     p.add_argument("--epochs", type=int, default=1000, help="uniformity-spreading epochs (0: none)")
@@ -283,8 +331,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, help="code length l (default: ceil(log_v N))")
     p.add_argument("--dim", type=int, default=512, help="prototype dimension for --source random")
     p.add_argument("--images-per-id", type=int, help="images per identity for the mean embedding (default: all)")
-    p.add_argument("--pixel-mean", type=float, nargs=3, default=[0.5, 0.5, 0.5], help="ONNX encoder input mean")
-    p.add_argument("--pixel-std", type=float, nargs=3, default=[0.5, 0.5, 0.5], help="ONNX encoder input std")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     _model_options(p, batch_size=256, progress=True)

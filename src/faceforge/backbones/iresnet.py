@@ -14,6 +14,10 @@ from torch import Tensor, nn
 from faceforge.registry import BACKBONES
 
 BN_EPS = 1e-5
+# Blocks per stage of each IResNet; backbones.infer reads the architecture of a state dict back from these counts.
+DEPTHS = {
+    "r18": (2, 2, 2, 2), "r34": (3, 4, 6, 3), "r50": (3, 4, 14, 3), "r100": (3, 13, 30, 3), "r200": (6, 26, 60, 6),
+}
 
 
 def full_precision(x: Tensor) -> contextlib.AbstractContextManager[None]:
@@ -105,28 +109,28 @@ class IResNet(nn.Module):
 @BACKBONES.register("r18")
 def iresnet18(embedding_size: int = 512, dropout: float = 0.0) -> IResNet:
     """IResNet-18: 24.0 M parameters, 2.6 G multiply-adds."""
-    return IResNet((2, 2, 2, 2), embedding_size, dropout)
+    return IResNet(DEPTHS["r18"], embedding_size, dropout)
 
 
 @BACKBONES.register("r34")
 def iresnet34(embedding_size: int = 512, dropout: float = 0.0) -> IResNet:
     """IResNet-34: 34.1 M parameters, 4.5 G multiply-adds."""
-    return IResNet((3, 4, 6, 3), embedding_size, dropout)
+    return IResNet(DEPTHS["r34"], embedding_size, dropout)
 
 
 @BACKBONES.register("r50")
 def iresnet50(embedding_size: int = 512, dropout: float = 0.0) -> IResNet:
     """IResNet-50, the usual MS1MV3 baseline: 43.6 M parameters, 6.3 G multiply-adds."""
-    return IResNet((3, 4, 14, 3), embedding_size, dropout)
+    return IResNet(DEPTHS["r50"], embedding_size, dropout)
 
 
 @BACKBONES.register("r100")
 def iresnet100(embedding_size: int = 512, dropout: float = 0.0) -> IResNet:
     """IResNet-100, the usual large-scale benchmark: 65.2 M parameters, 12.1 G multiply-adds."""
-    return IResNet((3, 13, 30, 3), embedding_size, dropout)
+    return IResNet(DEPTHS["r100"], embedding_size, dropout)
 
 
 @BACKBONES.register("r200")
 def iresnet200(embedding_size: int = 512, dropout: float = 0.0) -> IResNet:
     """IResNet-200: 118.8 M parameters, 23.4 G multiply-adds."""
-    return IResNet((6, 26, 60, 6), embedding_size, dropout)
+    return IResNet(DEPTHS["r200"], embedding_size, dropout)

@@ -10,8 +10,11 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from faceforge.backbones.iresnet import frozen_scale_bn1d, full_precision
+from faceforge.backbones.iresnet import full_precision
 from faceforge.registry import BACKBONES
+
+# name -> (bottleneck counts per level, trunk width scale); backbones.infer reads these back from a state dict.
+LAYOUTS = {"mbf": ((1, 4, 6, 2), 2), "mbf_large": ((2, 8, 12, 4), 4)}
 
 
 class ConvBlock(nn.Module):
@@ -81,7 +84,7 @@ class GDC(nn.Module):
             # flatten and dropout share one slot: they hold no weights and the key indices stay those of arcface_torch
             nn.Sequential(nn.Flatten(), nn.Dropout(dropout)),
             nn.Linear(channels, embedding_size, bias=False),
-            frozen_scale_bn1d(embedding_size),
+            nn.BatchNorm1d(embedding_size),  # scale and shift both train, as in arcface_torch (IResNet: shift only)
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -145,10 +148,10 @@ class MobileFaceNet(nn.Module):
 @BACKBONES.register("mbf")
 def mobilefacenet(embedding_size: int = 512, dropout: float = 0.0, channels_last: bool = True) -> MobileFaceNet:
     """arcface_torch `mbf`: blocks (1, 4, 6, 2), scale 2; 2.06 M parameters, 0.44 G multiply-adds."""
-    return MobileFaceNet((1, 4, 6, 2), 2, embedding_size, dropout, channels_last)
+    return MobileFaceNet(*LAYOUTS["mbf"], embedding_size, dropout, channels_last)
 
 
 @BACKBONES.register("mbf_large")
 def mobilefacenet_large(embedding_size: int = 512, dropout: float = 0.0, channels_last: bool = True) -> MobileFaceNet:
     """arcface_torch `mbf_large`: blocks (2, 8, 12, 4), scale 4; 6.3 M parameters, 1.8 G multiply-adds."""
-    return MobileFaceNet((2, 8, 12, 4), 4, embedding_size, dropout, channels_last)
+    return MobileFaceNet(*LAYOUTS["mbf_large"], embedding_size, dropout, channels_last)

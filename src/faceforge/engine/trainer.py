@@ -136,9 +136,14 @@ class Trainer:
         return asked
 
     def _init_from(self, path: str) -> None:
-        """Fine-tune: backbone weights must match; head centres are taken only if their shapes match."""
+        """Fine-tune from any weights faceforge.models loads (checkpoint, .safetensors, arcface_torch .pt / .pth):
+        the backbone must be the configured architecture; head centres are taken only if their shapes match."""
+        from faceforge.models import backbone_state, check_backbone
+
         state = fileio.load_weights(path)
-        fileio.load_into(self.backbone, fileio.split_state(state, "backbone"), f"init_from {path} (backbone)")
+        params = backbone_state(state)
+        check_backbone(self.cfg.backbone, params, f"init_from {path}")
+        fileio.load_into(self.backbone, params, f"init_from {path} (backbone)")
         head_state = ckpt.shard_head_state(self.head, fileio.split_state(state, "head"))
         own = self.head.state_dict()
         if head_state and all(k in own and own[k].shape == v.shape for k, v in head_state.items()):

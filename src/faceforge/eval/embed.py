@@ -1,5 +1,5 @@
-"""`faceforge embed` and `faceforge verify`: flip-fused embeddings of face images from trained weights or an exported
-ONNX model, and a same / different decision at the threshold stored beside the model by `faceforge eval`."""
+"""`faceforge embed` and `faceforge verify`: flip-fused embeddings of face images from any model faceforge loads
+(weights, checkpoints, ONNX), and a same / different decision at the threshold stored beside it by `faceforge eval`."""
 
 from __future__ import annotations
 
@@ -15,10 +15,9 @@ from faceforge.data.folder import IMAGE_SUFFIXES
 from faceforge.data.images import FACE_SIZE, decode_image, resize_face
 from faceforge.data.pack import read_landmarks
 from faceforge.errors import ConfigError, DataError
-from faceforge.eval.model_eval import load_backbone, threshold_path
 from faceforge.eval.verification import embed_images
-from faceforge.export.onnx import FACE_NORM, onnx_encoder
-from faceforge.fileio import atomic_write, resolve_weights
+from faceforge.fileio import atomic_write
+from faceforge.models import load_model, threshold_path
 from faceforge.runtime import pick_device
 
 _CHUNK = 512  # images decoded and embedded at a time
@@ -27,31 +26,20 @@ _CHUNK = 512  # images decoded and embedded at a time
 class Embedder:
     """Images (uint8 [N, 112, 112, 3] RGB) -> float32 [N, D] embeddings, image and mirror summed (flip fusion).
 
-    `model` is a run folder or .safetensors file (torch) or an .onnx file (onnxruntime, as shipped by export).
+    `model` is anything `faceforge.models.load_model` takes; `pixel_mean` / `pixel_std` set an ONNX model's input.
     """
 
-    def __init__(self, model: str | Path, backbone: str | None = None, device: str = "auto", batch_size: int = 64):
-        path = Path(model)
-        self.batch_size = batch_size
-        if path.suffix == ".onnx":
-            if not path.is_file():
-                raise ConfigError(f"ONNX model not found: {path}")
-            self.file = path
-            self.encode = onnx_encoder(path, FACE_NORM, FACE_NORM)
-        else:
-            self.file = resolve_weights(path)
-            self.device = pick_device(device)
-            self.model = load_backbone(path, backbone).to(self.device)
-            self.encode = None
+    def __init__(
+        self, model: str | Path, backbone: str | None = None, device: str = "auto", batch_size: int = 64,
+        pixel_mean: Sequence[float] | None = None, pixel_std: Sequence[float] | None = None,
+    ) -> None:
+        loaded = load_model(model, backbone, pixel_mean, pixel_std)
+        self.file, self.batch_size = loaded.file, batch_size
+        self.device = pick_device(device)
+        self.model = loaded.module.to(self.device)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        if self.encode is None:
-            return embed_images(self.model, images, self.batch_size, self.device, flip=True)
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            batch = images[start:start + self.batch_size]
-            out.append(self.encode(batch) + self.encode(batch[:, :, ::-1]))
-        return np.concatenate(out).astype(np.float32)
+        return embed_images(self.model, images, self.batch_size, self.device, flip=True)
 
     def threshold(self) -> dict:
         """The operating point stored beside the model (see `faceforge eval`); ConfigError when there is none."""

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from faceforge.config import load_config
 from faceforge.errors import ConfigError
-from faceforge.eval.model_eval import _run_config
 from faceforge.fileio import load_into, load_weights, resolve_weights, split_state
 from faceforge.heads.gif import GIF
+from faceforge.models import run_config
 from faceforge.tokenizer.codebook import code_keys
 
 _SCORE_ELEMENTS = 1 << 25  # bounds one [queries, centres] block of brute-force scores (128 MB in fp32)
@@ -80,14 +80,14 @@ def brute_force_identify(embeddings: torch.Tensor, centres: torch.Tensor) -> tup
 
 
 def load_gif_head(weights: str | Path, s: float | None = None) -> GIF:
-    """The GIF head saved in a checkpoint (run folder or .safetensors): codes, code vectors and token heads from
-    its head.* tensors, margin and scale from the run's config.yaml when there is one (`s` overrides)."""
+    """The GIF head saved in a checkpoint (run folder, .safetensors or torch file): codes, code vectors and token
+    heads from its head.* tensors, margin and scale from the run's config.yaml when there is one (`s` overrides)."""
     path = resolve_weights(weights)
     state = split_state(load_weights(path), "head")
     if "codes" not in state or "project.0.weight" not in state:
         raise ConfigError(f"{path} holds no GIF head (no head.codes / head.project.0.weight)")
     params = {}
-    cfg_path = _run_config(path)
+    cfg_path = run_config(path)
     if cfg_path is not None:
         head_cfg = load_config(cfg_path).head
         params = {k: head_cfg[k] for k in ("margin", "s", "m", "gamma") if k in head_cfg}

@@ -158,6 +158,15 @@ def fast_tar_at_far(
     return dict(zip(keys, tar_from_roc(fpr, tpr, targets, mode).tolist()))
 
 
+MIN_FALSE_ACCEPTS = 10  # a TAR@FAR reading rests on FAR × impostors false accepts; fewer than this is noise
+
+
+def unmeasurable_fars(fars: Iterable[float], impostors: int) -> list[float]:
+    """The FARs at which `impostors` impostor pairs allow fewer than MIN_FALSE_ACCEPTS false accepts: a TAR read
+    there is not measurable (below 1 / impostors the ROC does not even have a point at that FAR)."""
+    return [far for far in fars if far * impostors < MIN_FALSE_ACCEPTS]
+
+
 def threshold_at_far(scores: np.ndarray, labels: np.ndarray, far: float) -> dict[str, float]:
     """The operating point "accept when score > threshold" that lets at most `far` of the impostors through.
 

@@ -1,5 +1,6 @@
-"""`faceforge eval`: load a backbone from a run folder or weights file, score it on verification .bin sets and IJB
-folders, and write one report for all of them (report.md, results.json, ROC and DET plots, operating threshold)."""
+"""`faceforge eval`: load a model (run folder, checkpoint, state dict, ONNX), score it on verification .bin sets and
+IJB folders, and write one report for all of them (report.md, results.json, ROC and DET plots, operating
+threshold). TAR@FAR readings that too few impostor pairs back are left out as not measurable."""
 
 from __future__ import annotations
 
@@ -9,59 +10,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from torch import nn
 from tqdm import tqdm
 
-from faceforge.backbones import build_backbone
-from faceforge.config import load_config
 from faceforge.errors import ConfigError
 from faceforge.eval.ijb import evaluate_ijb
-from faceforge.eval.metrics import threshold_at_far
-from faceforge.eval.report import eval_sections, image_link, plot_det, plot_roc, write_report
-from faceforge.eval.verification import VerificationSet, cosine_scores, embed_images
-from faceforge.fileio import atomic_write, load_into, load_weights, resolve_weights, split_state
+from faceforge.eval.metrics import MIN_FALSE_ACCEPTS, threshold_at_far, unmeasurable_fars
+from faceforge.eval.report import NOT_MEASURABLE, eval_sections, image_link, plot_det, plot_roc, write_report
+from faceforge.eval.verification import VerificationSet, embed_views
+from faceforge.fileio import atomic_write, resolve_weights
+from faceforge.models import load_model, run_config, threshold_path
 from faceforge.runtime import pick_device
 
 THRESHOLD_FAR = 1e-4
 
 
-def _run_config(weights: Path) -> Path | None:
-    """config.yaml of the run a weights file belongs to (run/ or run/checkpoints/x.safetensors)."""
-    for folder in (weights.parent, weights.parent.parent):
-        if (folder / "config.yaml").is_file():
-            return folder / "config.yaml"
-    return None
-
-
-def load_backbone(weights: str | Path, backbone: str | None = None) -> nn.Module:
-    """A backbone with trained weights; its architecture comes from the run's config.yaml or from `backbone`."""
-    path = resolve_weights(weights)
-    state = load_weights(path)
-    params = split_state(state, "backbone") or state
-    if backbone:
-        cfg_backbone: dict = {"name": backbone}
-        width = params.get("features.weight")
-        if width is not None:
-            cfg_backbone["embedding_size"] = width.shape[0]
-    else:
-        cfg_path = _run_config(path)
-        if cfg_path is None:
-            raise ConfigError(f"{path} has no run folder with config.yaml; say which backbone with --backbone")
-        cfg_backbone = load_config(cfg_path).backbone
-    model = build_backbone(**cfg_backbone)
-    load_into(model, params, str(path))
-    return model
-
-
-def threshold_path(weights_file: Path) -> Path:
-    """Where `faceforge verify` finds the operating threshold of a weights (or .onnx) file: right beside it."""
-    return weights_file.with_suffix(".threshold.json")
-
-
 def default_out_dir(weights: str | Path) -> Path:
     """`<run folder>/eval` for weights of a run, else an `eval` folder beside the weights file."""
     path = resolve_weights(weights)
-    config = _run_config(path)
+    config = run_config(path)
     return (config.parent if config else path.parent) / "eval"
 
 
@@ -70,6 +36,7 @@ class Evaluation:
     """Every protocol's report row and ROC, and the operating threshold chosen on one of them."""
 
     weights: Path
+    model: dict  # faceforge.models.LoadedModel.info(): architecture, input, where it came from
     rows: list[dict] = field(default_factory=list)
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     threshold: dict | None = None
@@ -86,17 +53,21 @@ def evaluate_model(
     workers: int = 0,
     threshold_far: float = THRESHOLD_FAR,
     progress: bool = True,
+    pixel_mean: Sequence[float] | None = None,
+    pixel_std: Sequence[float] | None = None,
 ) -> Evaluation:
     """One row per .bin set (InsightFace 10-fold) and per IJB folder (1:1 TAR@FAR, 1:N when listed).
 
     The operating threshold is chosen at `threshold_far` on the first IJB set's pairs, else on the first .bin
-    set's pairs (cosine of flip-fused embeddings, accept when above).
+    set's pairs (cosine of flip-fused embeddings, accept when above). `weights` is anything
+    faceforge.models.load_model takes; `pixel_mean` / `pixel_std` set an ONNX model's input scaling.
     """
     if not bins and not ijb_roots:
         raise ConfigError("nothing to evaluate: give --bin and/or --ijb")
     dev = pick_device(device)
-    result = Evaluation(resolve_weights(weights))
-    model = load_backbone(weights, backbone).to(dev)
+    loaded = load_model(weights, backbone, pixel_mean, pixel_std)
+    model = loaded.module.to(dev)
+    result = Evaluation(loaded.file, loaded.info())
     sets = [("bin", p) for p in bins] + [("ijb", p) for p in ijb_roots]
     threshold_set = ("ijb", ijb_roots[0]) if ijb_roots else ("bin", bins[0])
     for kind, path in tqdm(sets, desc="eval sets", unit="set", disable=not progress or len(sets) < 2):
@@ -105,20 +76,31 @@ def evaluate_model(
             row, curve, scores, labels = ijb.row, ijb.curve, ijb.scores, ijb.labels
         else:
             vs = VerificationSet.load(path)
-            metrics, curve = vs.evaluate(model, device=dev, batch_size=batch_size, flip=flip)
-            row = {"set": vs.name, "pairs": vs.num_pairs, **metrics}
-            if (kind, path) == threshold_set:
-                fused = embed_images(model, vs.images, batch_size, dev, flip)
-                scores, labels = cosine_scores(fused[0::2], fused[1::2]), vs.issame
-        result.rows.append(row)
+            metrics, curve, scores = vs.score_views(*embed_views(model, vs.images, batch_size, dev, flip, "auto"))
+            row, labels = {"set": vs.name, "pairs": vs.num_pairs, **metrics}, vs.issame
+        result.rows.append(mark_unmeasurable(row, labels))
         result.curves[row["set"]] = curve
         if (kind, path) == threshold_set:
             result.threshold = {"set": row["set"], "pairs": int(len(labels)), "target_far": threshold_far,
                                 **threshold_at_far(scores, labels, threshold_far),
+                                "measurable": not unmeasurable_fars([threshold_far], row["impostor_pairs"]),
                                 "score": "cosine of flip-fused embeddings" if flip else "cosine of embeddings",
                                 "decision": "same identity when score > threshold",
                                 "weights": result.weights.name}
     return result
+
+
+def mark_unmeasurable(row: dict, labels: np.ndarray) -> dict:
+    """The row with its impostor count, and TAR@FAR readings set to None (not measurable) where fewer than
+    MIN_FALSE_ACCEPTS impostor pairs would be accepted at that FAR."""
+    impostors = int(np.size(labels) - np.count_nonzero(labels))
+    gone = unmeasurable_fars(row["tar_at_far"], impostors)
+    row["impostor_pairs"] = impostors
+    row["not_measurable_fars"] = gone
+    for key in ("tar_at_far", "tar_at_far_nearest"):
+        if key in row:
+            row[key] = {far: None if far in gone else tar for far, tar in row[key].items()}
+    return row
 
 
 def write_evaluation(evaluation: Evaluation, out_dir: str | Path) -> Path:
@@ -126,12 +108,13 @@ def write_evaluation(evaluation: Evaluation, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     plot_roc(evaluation.curves, out / "roc.png", "verification ROC (1:1)")
     plot_det(evaluation.curves, out / "det.png", "verification DET (1:1)")
-    config = _run_config(evaluation.weights)
+    config = run_config(evaluation.weights)
     model = f"{config.parent.name}/{evaluation.weights.stem}" if config else evaluation.weights.stem
     sections = eval_sections(evaluation.rows, evaluation.threshold, model)
     sections["Plots"] = "\n\n".join([image_link(out, out / "roc.png", "ROC"), image_link(out, out / "det.png", "DET")])
     write_report(out, sections, title=f"Evaluation: {evaluation.weights}")
-    results = {"weights": str(evaluation.weights), "rows": evaluation.rows, "threshold": evaluation.threshold}
+    results = {"weights": str(evaluation.weights), "model": evaluation.model, "rows": evaluation.rows,
+               "threshold": evaluation.threshold}
     text = json.dumps(results, indent=2, default=float) + "\n"
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     if evaluation.threshold is not None:
@@ -140,8 +123,13 @@ def write_evaluation(evaluation: Evaluation, out_dir: str | Path) -> Path:
     return out / "report.md"
 
 
+def _tar(value: float | None, width: int = 0) -> str:
+    return f"{NOT_MEASURABLE if value is None else format(value, '.4f'):>{width}}"
+
+
 def format_table(rows: list[dict]) -> str:
-    """Fixed-width tables for the terminal: .bin sets (accuracy, TAR@FAR, AUC, XNorm), then IJB sets."""
+    """Fixed-width tables for the terminal: .bin sets (accuracy, TAR@FAR, AUC, XNorm), then IJB sets; a legend
+    when a TAR@FAR cell is not measurable."""
     lines = []
     bins = [r for r in rows if "accuracy" in r]
     if bins:
@@ -149,16 +137,18 @@ def format_table(rows: list[dict]) -> str:
         for r in bins:
             acc = f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}"
             lines.append(
-                f"{r['set']:<16}{r['pairs']:>7}{acc:>18}{r['tar_at_far'][1e-3]:>10.4f}{r['tar_at_far'][1e-2]:>10.4f}"
-                f"{r['auc']:>8.4f}{r['xnorm']:>8.2f}"
+                f"{r['set']:<16}{r['pairs']:>7}{acc:>18}{_tar(r['tar_at_far'][1e-3], 10)}"
+                f"{_tar(r['tar_at_far'][1e-2], 10)}{r['auc']:>8.4f} {r['xnorm']:>7.2f}"
             )
     for r in (r for r in rows if "tar_at_far_nearest" in r):
         fars = list(r["tar_at_far"])
         head = f"{r['set']} 1:1 ({r['pairs']} pairs, {r['mode']}), TAR at FAR "
         lines.append(head + " ".join(f"{f:.0e}" for f in fars))
-        lines.append(f"  {'interpolated':<14}" + " ".join(f"{r['tar_at_far'][f]:.4f}" for f in fars))
-        lines.append(f"  {'nearest (IF)':<14}" + " ".join(f"{r['tar_at_far_nearest'][f]:.4f}" for f in fars))
+        lines.append(f"  {'interpolated':<14}" + " ".join(_tar(r["tar_at_far"][f], 6) for f in fars))
+        lines.append(f"  {'nearest (IF)':<14}" + " ".join(_tar(r["tar_at_far_nearest"][f], 6) for f in fars))
         for gallery, rates in r.get("identification", {}).items():
             tpir = " ".join(f"TPIR@FPIR={f:.0e} {v:.4f}" for f, v in rates.get("tpir_at_fpir", {}).items())
             lines.append(f"  1:N {gallery:<5} rank-1 {rates['rank_1']:.4f} rank-5 {rates['rank_5']:.4f} {tpir}")
+    if any(r.get("not_measurable_fars") for r in rows):
+        lines.append(f"{NOT_MEASURABLE}: not measurable, fewer than {MIN_FALSE_ACCEPTS}/FAR impostor pairs")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from faceforge.eval.metrics import MIN_FALSE_ACCEPTS
 from faceforge.fileio import atomic_write
 
 
@@ -131,10 +132,15 @@ def write_report(run_dir: str | Path, sections: dict[str, str | list[dict]], tit
 BIN_NAMES = {"lfw": "LFW", "cfp_fp": "CFP-FP", "agedb_30": "AgeDB-30", "calfw": "CALFW", "cplfw": "CPLFW",
              "cfp_ff": "CFP-FF", "vgg2_fp": "VGG2-FP"}
 PAPER_FARS = (1e-5, 1e-4)
+NOT_MEASURABLE = "n/m"  # a TAR@FAR cell with too few impostor pairs behind it (see eval.metrics.unmeasurable_fars)
 
 
-def _pct(value: float) -> str:
-    return f"{100 * value:.2f}"
+def _pct(value: float | None) -> str:
+    return NOT_MEASURABLE if value is None else f"{100 * value:.2f}"
+
+
+def _rate(value: float | None) -> str:
+    return NOT_MEASURABLE if value is None else f"{value:.4f}"
 
 
 def paper_row(rows: list[dict], model: str) -> dict:
@@ -161,12 +167,12 @@ def eval_sections(rows: list[dict], threshold: dict | None, model: str) -> dict[
     if bins:
         sections["Verification sets (InsightFace 10-fold protocol, flip fusion)"] = [
             {"set": r["set"], "pairs": r["pairs"], "accuracy": f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}",
-             **{f"TAR@{far:.0e}": f"{v:.4f}" for far, v in r["tar_at_far"].items()},
+             **{f"TAR@{far:.0e}": _rate(v) for far, v in r["tar_at_far"].items()},
              "AUC": f"{r['auc']:.4f}", "XNorm": f"{r['xnorm']:.2f}"} for r in bins]
     for r in (r for r in rows if "tar_at_far_nearest" in r):
         title = f"{r['set']} 1:1 ({r['mode']}; {r['images']} images, {r['templates']} templates, {r['pairs']} pairs)"
-        sections[title] = [{"FAR": f"{far:.0e}", "TAR (interpolated)": f"{v:.4f}",
-                            "TAR (nearest ROC point, InsightFace)": f"{r['tar_at_far_nearest'][far]:.4f}"}
+        sections[title] = [{"FAR": f"{far:.0e}", "TAR (interpolated)": _rate(v),
+                            "TAR (nearest ROC point, InsightFace)": _rate(r["tar_at_far_nearest"][far])}
                            for far, v in r["tar_at_far"].items()]
         if "identification" in r:
             title = f"{r['set']} 1:N (open set; a non-mated probe's false alarm is its top score over the threshold)"
@@ -181,5 +187,11 @@ def eval_sections(rows: list[dict], threshold: dict | None, model: str) -> dict[
             f"cosine > **{threshold['threshold']:.4f}** accepts; chosen at FAR {threshold['target_far']:g} on "
             f"{threshold['set']} ({threshold['pairs']} pairs), where FAR = {threshold['far']:.2e} and "
             f"TAR = {threshold['tar']:.4f}."
+            + ("" if threshold.get("measurable", True) else " Too few impostor pairs to measure that FAR: this "
+               "threshold is a rough guess; choose it on a larger set.")
         )
+    if any(r.get("not_measurable_fars") for r in rows):
+        sections["Not measurable"] = (
+            f"{NOT_MEASURABLE}: a TAR@FAR with fewer than {MIN_FALSE_ACCEPTS}/FAR impostor pairs behind it (fewer "
+            f"than {MIN_FALSE_ACCEPTS} false accepts at that FAR) is not reported.")
     return sections

@@ -106,7 +106,7 @@ def evaluate_pairs(emb1: ArrayLike, emb2: ArrayLike, issame: ArrayLike, nfolds: 
     }
 
 
-def _embed_views(
+def embed_views(
     model: torch.nn.Module,
     images: np.ndarray | Sequence[np.ndarray],
     batch_size: int,
@@ -154,7 +154,7 @@ def embed_images(
     restored), under the autocast that `precision` names (as train.precision: 'auto' is bf16 on a GPU that runs it
     natively, fp32 on the CPU). Flip-fused embeddings are summed, not normalised.
     """
-    original, flipped = _embed_views(model, images, batch_size, device, flip, precision)
+    original, flipped = embed_views(model, images, batch_size, device, flip, precision)
     return original + flipped if flipped is not None else original
 
 
@@ -192,6 +192,17 @@ class VerificationSet:
         result["num_pairs"] = self.num_pairs
         return result, roc(cosine_scores(fused[0::2], fused[1::2]), self.issame)
 
+    def score_views(
+        self, original: np.ndarray, flipped: np.ndarray | None
+    ) -> tuple[dict, tuple[np.ndarray, np.ndarray], np.ndarray]:
+        """The 10-fold protocol on embeddings already computed (see `embed_views`), the cosine ROC, and the
+        cosine of each pair of the fused embeddings (what an operating threshold is chosen on)."""
+        fused = original if flipped is None else original + flipped
+        raw = original if flipped is None else np.concatenate([original, flipped])
+        result, curve = self._score(fused)
+        result["xnorm"] = float(np.linalg.norm(raw.astype(np.float64), axis=1).mean())
+        return result, curve, cosine_scores(fused[0::2], fused[1::2])
+
     def evaluate(
         self,
         model: torch.nn.Module,
@@ -201,11 +212,7 @@ class VerificationSet:
         precision: str = "auto",
     ) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
         """The 10-fold protocol on `model` (see evaluate_bin) and the cosine ROC (fpr, tpr) for plotting."""
-        original, flipped = _embed_views(model, self.images, batch_size, device, flip, precision)
-        raw = original if flipped is None else np.concatenate([original, flipped])
-        result, curve = self._score(original if flipped is None else original + flipped)
-        result["xnorm"] = float(np.linalg.norm(raw.astype(np.float64), axis=1).mean())
-        return result, curve
+        return self.score_views(*embed_views(model, self.images, batch_size, device, flip, precision))[:2]
 
     def evaluate_pixels(self) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
         """The same protocol with raw-pixel embeddings: the "raw-pixel cosine" baseline."""

@@ -1,54 +1,86 @@
-"""`faceforge export`: a trained backbone as ONNX (input `data` [batch, 3, 112, 112] in [-1, 1], output `embedding`
-[batch, D], batch dynamic), through torch.onnx's export, with a parity check against PyTorch in onnxruntime; and
-`onnx_encoder`, which runs such a file, or any ONNX image encoder, on uint8 face crops."""
+"""`faceforge export`: a backbone as ONNX (input `data` [batch, 3, 112, 112] in [-1, 1], output `embedding`
+[batch, D], batch dynamic) at the opset asked for, with a parity check against PyTorch in onnxruntime."""
 
 from __future__ import annotations
 
 import logging
 import shutil
 import warnings
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from faceforge.errors import ConfigError, DataError, FaceforgeError
-from faceforge.eval.model_eval import load_backbone, threshold_path
-from faceforge.fileio import atomic_write, resolve_weights
+from faceforge.errors import ConfigError, FaceforgeError
+from faceforge.fileio import atomic_write
+from faceforge.models import load_model, require_onnx, threshold_path
 
 PARITY_BATCHES = (1, 3)  # neither is the batch of the example input, so the batch axis is really exercised
 RTOL = 1e-4  # allowed max |onnx - torch| as a fraction of the largest output magnitude (at least 1)
-FACE_NORM = (0.5, 0.5, 0.5)  # pixel/255 → [-1, 1], the faceforge / InsightFace input scaling
+DYNAMO_OPSETS = 18  # torch.onnx's dynamo exporter writes opset 18 and up; lower ones go through the TorchScript one
+LOWEST_OPSET = 9
 
-Encoder = Callable[[np.ndarray], np.ndarray | torch.Tensor]  # uint8 [B, 112, 112, 3] RGB -> [B, D]
+
+def _export(model: nn.Module, path: str, opset: int) -> None:
+    """Write `model` to `path` with torch.onnx at `opset`: dynamo exporter from DYNAMO_OPSETS, TorchScript below."""
+    example = torch.zeros(2, 3, 112, 112)
+    names = {"input_names": ["data"], "output_names": ["embedding"], "opset_version": opset}
+    if opset >= DYNAMO_OPSETS:
+        program = torch.onnx.export(model, (example,), None, dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                    dynamo=True, verbose=False, **names)
+        program.save(path)
+    else:
+        torch.onnx.export(model, (example,), path, dynamic_axes={"data": {0: "batch"}, "embedding": {0: "batch"}},
+                          dynamo=False, **names)
+
+
+def written_opset(path: str | Path) -> int:
+    """The default-domain opset an ONNX file declares."""
+    (onnx,) = require_onnx("reading an ONNX file", "onnx")
+    imports = onnx.load(str(path), load_external_data=False).opset_import
+    return next(int(i.version) for i in imports if i.domain in ("", "ai.onnx"))
+
+
+def _exporter_packages(opset: int) -> tuple[str, ...]:
+    """The optional packages torch.onnx needs at `opset` (onnxscript only for the dynamo exporter)."""
+    return ("onnx", "onnxscript") if opset >= DYNAMO_OPSETS else ("onnx",)
 
 
 def export_onnx(model: nn.Module, out: str | Path, opset: int = 18) -> None:
-    """Write `model` (in eval mode) to `out` as ONNX with a dynamic batch axis; the file is replaced atomically."""
+    """Write `model` (in eval mode) to `out` as ONNX at exactly `opset`, with a dynamic batch axis; the file is
+    replaced atomically, and nothing is written when the exporter cannot give that opset (ConfigError)."""
+    require_onnx("faceforge export", *_exporter_packages(opset))
+    if opset < LOWEST_OPSET:
+        raise ConfigError(f"--opset {opset}: faceforge exports opsets {LOWEST_OPSET} and up")
     model = model.eval().cpu()
-    example = torch.zeros(2, 3, 112, 112)
-    quiet = logging.getLogger("torch.onnx")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # the exporter logs every optional op library it does not find
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                model, (example,), None, input_names=["data"], output_names=["embedding"], opset_version=opset,
-                dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
-            )
-    finally:
-        quiet.setLevel(level)
-    atomic_write(out, lambda tmp: program.save(tmp))
+
+    def write(tmp: str) -> None:
+        # torch.onnx logs every optional op library it does not find, onnxscript a traceback for each version it
+        # cannot convert to; what matters reaches the user as the opset check below
+        loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+        levels = [logger.level for logger in loggers]
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _export(model, tmp, opset)
+        except Exception as exc:  # torch.onnx raises many exception types (unsupported op, converter failure)
+            raise ConfigError(f"cannot export at opset {opset}: {str(exc).strip().splitlines()[0]}") from None
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+        written = written_opset(tmp)
+        if written != opset:
+            raise ConfigError(f"--opset {opset}: the exporter wrote opset {written}; nothing written")
+
+    atomic_write(out, write)
 
 
 def check_parity(model: nn.Module, onnx_path: str | Path, seed: int = 0) -> dict:
     """Run PyTorch and onnxruntime on the same random inputs at PARITY_BATCHES; FaceforgeError past the bound."""
-    import onnxruntime
-
+    (onnxruntime,) = require_onnx("the export parity check", "onnxruntime")
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(seed)
     model = model.eval().cpu()
@@ -72,53 +104,20 @@ def check_parity(model: nn.Module, onnx_path: str | Path, seed: int = 0) -> dict
 
 
 def export_weights(weights: str | Path, out: str | Path, backbone: str | None = None, opset: int = 18) -> dict:
-    """Export trained weights to ONNX, check parity, and copy their stored verify threshold beside the .onnx."""
+    """Export a model's weights to ONNX, check parity, and copy their stored verify threshold beside the .onnx;
+    the reported opset is the one read back from the written file."""
     out = Path(out)
     if out.suffix != ".onnx":
         raise FaceforgeError(f"--onnx wants a path ending in .onnx, got {out}")
-    model = load_backbone(weights, backbone)
-    export_onnx(model, out, opset)
-    result = {"onnx": str(out), "opset": opset, **check_parity(model, out)}
-    stored = threshold_path(resolve_weights(weights))
+    require_onnx("faceforge export", *_exporter_packages(opset), "onnxruntime")
+    loaded = load_model(weights, backbone)
+    if loaded.format == "onnx":
+        raise ConfigError(f"{loaded.file} is already ONNX; export takes torch weights")
+    export_onnx(loaded.module, out, opset)
+    result = {"onnx": str(out), "opset": written_opset(out), "architecture": loaded.architecture,
+              **check_parity(loaded.module, out)}
+    stored = threshold_path(loaded.file)
     if stored.is_file():
         atomic_write(threshold_path(out), lambda tmp: shutil.copyfile(stored, tmp))
         result["threshold"] = str(threshold_path(out))
     return result
-
-
-def onnx_encoder(path: str | Path, mean: Sequence[float], std: Sequence[float]) -> Encoder:
-    """An ONNX image encoder taking float [B, 3, H, W] RGB, (pixel/255 − mean) / std, and giving [B, D].
-
-    The 112×112 crops are resized bilinearly to the model's H×W when its input shape fixes one (224 for CLIP).
-    """
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ConfigError("an ONNX prototype source needs onnxruntime (pip install onnxruntime)") from None
-    try:
-        session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
-    except Exception as exc:  # onnxruntime raises its own exception types for unreadable or invalid models
-        raise DataError(f"cannot load ONNX model {path}: {exc}") from None
-    spec = session.get_inputs()[0]
-    shape = list(spec.shape)
-    if len(shape) != 4 or shape[1] != 3:
-        raise DataError(f"{path}: expected an image input [B, 3, H, W], got {shape}")
-    size = tuple(shape[2:]) if all(isinstance(d, int) for d in shape[2:]) else (112, 112)
-    fixed_batch = shape[0] if isinstance(shape[0], int) else None
-    dtype = np.float16 if spec.type == "tensor(float16)" else np.float32
-    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
-
-    def encode(images: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-        if x.shape[2:] != size:
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        x = ((x - mean_t) / std_t).numpy().astype(dtype)
-        step = fixed_batch or len(x)
-        outs = [session.run(None, {spec.name: x[i : i + step]})[0] for i in range(0, len(x), step)]
-        out = np.concatenate(outs)
-        if out.ndim != 2:
-            raise DataError(f"{path}: the first output must be [B, D] embeddings, got shape {list(out.shape)}")
-        return out.astype(np.float32)
-
-    return encode

@@ -9,12 +9,13 @@ from pathlib import Path
 from faceforge.config import config_from_dict
 from faceforge.engine.datasets import open_training_set
 from faceforge.errors import ConfigError
+from faceforge.models import load_model
 from faceforge.runtime import pick_device
 from faceforge.tokenizer.codebook import Codebook, save_codes
 from faceforge.tokenizer.kmeans import build_codes
-from faceforge.export.onnx import FACE_NORM, onnx_encoder
-from faceforge.tokenizer.prototypes import checkpoint_encoder, mean_embeddings, random_prototypes
+from faceforge.tokenizer.prototypes import mean_embeddings, model_encoder, random_prototypes
 from faceforge.tokenizer.spreading import neighbour_overlap, sampled_potential, spread
+
 
 def tokenize_dataset(
     data: str | Path,
@@ -32,36 +33,31 @@ def tokenize_dataset(
     images_per_identity: int | None = None,
     batch_size: int = 256,
     workers: int = 0,
-    pixel_mean: Sequence[float] = FACE_NORM,
-    pixel_std: Sequence[float] = FACE_NORM,
+    pixel_mean: Sequence[float] | None = None,
+    pixel_std: Sequence[float] | None = None,
     device: str = "auto",
     progress: bool = True,
 ) -> dict:
     """Write GIF codes for every identity of the training set `data` (a .rec folder, an image folder or
     'synthface'); returns a summary (sizes, stage times, uniformity and neighbour preservation of the spreading).
 
-    `source` is 'random' (uniform on the sphere, `dim`-d), a faceforge run folder / .safetensors checkpoint, or an
-    .onnx image encoder fed (pixel/255 − pixel_mean) / pixel_std.
+    `source` is 'random' (uniform on the sphere, `dim`-d) or any model faceforge.models.load_model takes (run
+    folder, checkpoint, state dict, or an .onnx image encoder fed (pixel/255 − pixel_mean) / pixel_std).
     """
     if v < 2:
         raise ConfigError(f"--v must be >= 2, got {v}")
     if epochs < 0:
         raise ConfigError(f"--epochs must be >= 0, got {epochs}")
     dev = pick_device(device)
+    model = None if source == "random" else load_model(source, backbone, pixel_mean, pixel_std).module
     dataset, root = open_training_set(config_from_dict({"data": {"root": str(data)}, "train": {"progress_bar": progress}}))
     n = dataset.num_classes
     times, missing = {}, 0
     start = time.perf_counter()
-    if source == "random":
+    if model is None:
         prototypes = random_prototypes(n, dim, seed)
     else:
-        path = Path(source)
-        if path.suffix == ".onnx":
-            encoder = onnx_encoder(path, pixel_mean, pixel_std)
-        elif path.is_dir() or path.suffix == ".safetensors":
-            encoder = checkpoint_encoder(path, backbone, dev, batch_size)
-        else:
-            raise ConfigError(f"--source {source!r}: expected 'random', an .onnx file, a run folder or a .safetensors")
+        encoder = model_encoder(model, dev, batch_size)
         prototypes, missing = mean_embeddings(dataset, n, encoder, batch_size, images_per_identity, workers, progress)
     times["prototypes_s"] = time.perf_counter() - start
 

@@ -1,9 +1,9 @@
-"""Per-identity prototypes for GIF codes: the normalised mean image embedding from a faceforge checkpoint or an
-ONNX image encoder (CLIP or any other), or random directions on the sphere."""
+"""Per-identity prototypes for GIF codes: the normalised mean image embedding from any model faceforge loads (a
+checkpoint, a state dict, an ONNX image encoder such as CLIP), or random directions on the sphere."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -13,10 +13,9 @@ from tqdm import tqdm
 
 from faceforge.data.record_dataset import FaceImages
 from faceforge.errors import ConfigError, DataError
-from faceforge.eval.model_eval import load_backbone
 from faceforge.eval.verification import embed_images
-from faceforge.export.onnx import Encoder
 
+Encoder = Callable[[np.ndarray], np.ndarray]  # uint8 [B, 112, 112, 3] RGB -> [B, D]
 
 
 def random_prototypes(num_identities: int, dim: int, seed: int = 0) -> torch.Tensor:
@@ -26,9 +25,9 @@ def random_prototypes(num_identities: int, dim: int, seed: int = 0) -> torch.Ten
     return F.normalize(torch.randn(num_identities, dim, generator=torch.Generator().manual_seed(seed)), dim=1)
 
 
-def checkpoint_encoder(weights: str | Path, backbone: str | None, device: torch.device, batch_size: int) -> Encoder:
-    """A faceforge backbone (run folder or .safetensors) as an encoder of uint8 face crops."""
-    model = load_backbone(weights, backbone).to(device)
+def model_encoder(model: torch.nn.Module, device: torch.device, batch_size: int) -> Encoder:
+    """A loaded model (see faceforge.models.load_model) as an encoder of uint8 face crops, without flip fusion."""
+    model = model.to(device)
     return lambda images: embed_images(model, images, batch_size=batch_size, device=device, flip=False)
 
 
