@@ -9,7 +9,7 @@ LOCK_VENV := .cache/lock-venv
 PIP_TOOLS := pip-tools==7.6.2
 LOCK_ARGS ?=
 
-.PHONY: demo test bench venv lock wheel wheel-check clean
+.PHONY: demo test bench venv lock wheel wheel-check gpu-wheels clean
 
 # The lock pins every package the venv holds (checked by tests/test_packaging.py); the editable faceforge with
 # its two extras comes on top, so a lock that missed a dependency would show up there as an unpinned package.
@@ -54,6 +54,14 @@ wheel:
 # and runs `faceforge --version`, `faceforge demo --help` and a 2-step train there (a few minutes; needs the index).
 wheel-check: $(STAMP)
 	FACEFORGE_WHEEL_CHECK=1 $(BIN)/python -m pytest -s tests/test_packaging.py::test_wheel_installs_into_a_fresh_venv_next_to_torch
+
+# Wheels a GPU machine with a CUDA torch under another Python may lack (simplejpeg), for
+# `benchmarks/gpu_check.sh OUT --wheels .gpu-wheels`. GPU_PY is that machine's Python version.
+GPU_PY ?= 3.12
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --only-binary=:all: --no-deps --python-version $(GPU_PY) \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .gpu-wheels \
+		$$(grep -E '^simplejpeg==' requirements.lock)
 
 clean:
 	rm -rf $(VENV) .cache runs build dist
