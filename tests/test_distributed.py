@@ -281,3 +281,19 @@ def test_compressed_gradient_hook_sums_in_bf16(tmp_path):
         out = torch.load(tmp_path / f"hook-{r}.pt")
         assert out.dtype == torch.float32
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def _scalar_worker(rank, world, init_file, result_dir):
+    from faceforge.distributed import all_reduce_scalars
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    out = all_reduce_scalars([rank + 0.5, -rank], dist.ReduceOp.MAX, dist.group.WORLD, torch.device("cpu"))
+    torch.save(out, os.path.join(result_dir, f"scalar-{rank}.pt"))
+    shutdown()
+
+
+def test_scalar_collective_gives_every_rank_the_reduced_values(tmp_path):
+    """What the time budget (slowest rank's elapsed time) and the stop signal rely on."""
+    mp.spawn(_scalar_worker, args=(3, str(tmp_path / "init"), str(tmp_path)), nprocs=3, join=True)
+    for r in range(3):
+        assert torch.load(tmp_path / f"scalar-{r}.pt").tolist() == [2.5, 0.0]

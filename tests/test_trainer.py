@@ -61,19 +61,58 @@ def test_non_finite_loss_is_skipped_then_aborts(tiny_config, monkeypatch):
         torch.testing.assert_close(v.detach(), before[k])  # skipped steps never touched the weights
 
 
-def test_bad_input_is_named(tiny_config, tmp_path):
-    with pytest.raises(ConfigError, match="head.num_classes=3 is smaller than the 8 classes"):
-        Trainer(tiny_config(head={"name": "arcface", "num_classes": 3}))
-    with pytest.raises(ConfigError, match="backbone 'tiny'.*width"):
-        Trainer(tiny_config(backbone={"name": "tiny", "width": 3}))
-    with pytest.raises(ConfigError, match="data.root='/nonexistent' is not a folder"):
-        Trainer(tiny_config(data={"root": "/nonexistent"}))
+@pytest.mark.parametrize("sections, error, message", [
+    ({"head": {"name": "arcface", "num_classes": 3}}, ConfigError, "head.num_classes=3 is smaller than the 8 classes"),
+    ({"backbone": {"name": "tiny", "width": 3}}, ConfigError, "backbone 'tiny'.*width"),
+    ({"data": {"root": "/nonexistent"}}, ConfigError, "data.root='/nonexistent' is not a folder"),
+])
+def test_bad_config_is_named(tiny_config, sections, error, message):
+    with pytest.raises(error, match=message):
+        Trainer(tiny_config(**sections))
+
+
+def test_resuming_a_folder_without_checkpoints_is_named(tmp_path):
     with pytest.raises(ConfigError, match="no checkpoint in"):
         Trainer.resume(tmp_path)
+
+
+def test_an_empty_data_folder_is_a_data_error(tiny_config, tmp_path):
     missing = tmp_path / "empty"
     missing.mkdir()
     with pytest.raises(DataError):
         Trainer(tiny_config(data={"root": str(missing)}))
+
+
+def test_progress_follows_steps_or_the_time_budget(tiny_config):
+    trainer = Trainer(tiny_config(train={"max_steps": 8, "run_name": "p"}))
+    trainer.state.step = 2
+    assert trainer.progress() == 0.25
+    trainer.cfg.train.time_budget_s = 10.0
+    trainer.state.elapsed = 5.0
+    assert trainer.progress() == 0.5  # both set: whichever is further along
+    trainer.state.step = 6
+    assert trainer.progress() == 0.75
+    trainer.cfg.train.max_steps = 0
+    assert trainer.progress() == 0.5  # a budget alone: time only
+
+
+def test_a_time_budget_ends_the_run_at_the_first_step_past_it(tiny_config, monkeypatch):
+    """Each step takes one (fake) second: a 3.5 s budget is spent after 4 steps, long before the epochs end."""
+    from faceforge.engine import trainer as trainer_module
+
+    trainer = Trainer(tiny_config(train={"max_steps": 0, "epochs": 50, "time_budget_s": 3.5, "run_name": "budget"}))
+    seen = []
+    real_advance = trainer._advance
+
+    def one_second_steps(images, skipped, seconds):
+        real_advance(images, skipped, 1.0)
+        seen.append(trainer.state.elapsed)
+
+    monkeypatch.setattr(trainer, "_advance", one_second_steps)
+    summary = trainer.fit()
+    assert seen == [1.0, 2.0, 3.0, 4.0] and summary["steps"] == 4
+    lrs = [lr for _, _, lr in _losses(Path(summary["run_dir"]))]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] == pytest.approx(0.05 * (1 - 0 / 3.5))
 
 
 def _corrupt_copy(tiny_data, tmp_path, key=3):

@@ -35,7 +35,8 @@ def run_demo(overrides: list[str] | None = None) -> dict:
     with torch.random.fork_rng():  # the baseline's initialisation must not move the training run's RNG
         torch.manual_seed(cfg.train.seed)
         random_init, random_roc = heldout.evaluate(build_backbone(**cfg.backbone))
-    trainer.log.roc_curves.update({"raw-pixel cosine": pixel_roc, "random-init network": random_roc})
+    trainer.log.add_roc("raw-pixel cosine", pixel_roc)
+    trainer.log.add_roc("random-init network", random_roc)
     summary = trainer.fit()
     trained = summary["eval"][heldout.name]
     rows = [

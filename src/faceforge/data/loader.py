@@ -36,6 +36,8 @@ class BatchPlan:
 
     def batches(self, epoch: int, start: int = 0) -> list[list[int]]:
         """This rank's batches of `epoch`, beginning at batch `start` (to resume inside an epoch)."""
+        # One permutation per (seed, epoch), from its own generator: a resumed run sees the same order, whatever
+        # else drew from the global RNG. 100_003 (a prime) keeps seed s, epoch e apart from seed s+1, epoch e-100_003.
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
         per_step = self.batch_size * self.world_size
         out = []

@@ -64,6 +64,10 @@ class RunLog:
                 if isinstance(value, (int, float)):
                     self.tensorboard.add_scalar(f"{kind}/{name}/{key}", value, step)
 
+    def add_roc(self, name: str, curve: tuple[np.ndarray, np.ndarray]) -> None:
+        """A (fpr, tpr) curve for roc.png; the last one given under a name is plotted."""
+        self.roc_curves[name] = curve
+
     def truncate_after(self, step: int) -> None:
         """Drop lines logged after `step` (written past the last checkpoint before an interruption)."""
         if not self.metrics_path.exists():

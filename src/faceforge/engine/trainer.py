@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-import traceback
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,48 +19,18 @@ from faceforge import fileio
 from faceforge.engine import checkpoint as ckpt
 from faceforge.engine import checkpoint_files as files
 from faceforge.engine.datasets import open_training_set, validation_bins
+from faceforge.engine.failures import TrainingAborted, torchrun_error
 from faceforge.engine.optim import lr_factor, set_lr
 from faceforge.engine.parallel import init_from_env
 from faceforge.engine.step import StepResult, build_parts, train_step
 from faceforge.engine.run_log import RunLog, SilentRunLog
 from faceforge.engine.stop import StopOnSignal, TrainingInterrupted
 from faceforge.errors import ConfigError, DataError, FaceforgeError
+
+__all__ = ["RunState", "Trainer", "TrainingAborted", "TrainingInterrupted"]
 from faceforge.eval.verification import VerificationSet
 from faceforge.distributed import all_reduce_scalars
 from faceforge.runtime import configure_cuda, pick_device, to_host
-
-
-class TrainingAborted(FaceforgeError):
-    """Training cannot go on (e.g. the loss stayed non-finite); the message says why and where."""
-
-
-# How a collective says a peer died or it outlasted its timeout: NCCL raises DistError subclasses; gloo raises a
-# RuntimeError that names its transport.
-_PEER_SIGNS = ("gloo/transport", "NCCL", "Connection reset by peer", "Connection closed by peer", "Timed out")
-
-
-def _collective_failed(exc: BaseException) -> bool:
-    """Whether `exc` came out of a torch.distributed collective (so another rank may be gone), not out of the
-    step itself: an out-of-memory or a shape bug is never reported as a lost peer."""
-    if isinstance(exc, torch.OutOfMemoryError) or not isinstance(exc, RuntimeError):
-        return False
-    if isinstance(exc, dist.DistError) or any(sign in str(exc) for sign in _PEER_SIGNS):
-        return True
-    frames = traceback.extract_tb(exc.__traceback__)
-    return any(f"torch{os.sep}distributed{os.sep}" in frame.filename for frame in frames[-3:])
-
-
-def _where(exc: BaseException, rank: int, world: int, step: int) -> BaseException:
-    """`exc` again with 'rank r/K, step s: ' in front of its message and `exc` as its cause, of the same type where
-    that type can be rebuilt from a message (else `exc` itself, with the place as a note)."""
-    where = f"rank {rank}/{world}, step {step}"
-    try:
-        again = type(exc)(f"{where}: {exc}")
-    except Exception:  # a type whose constructor takes more than a message
-        exc.add_note(where)
-        return exc
-    again.__cause__ = exc
-    return again
 
 
 @dataclass
@@ -80,31 +49,30 @@ class RunState:
 class Trainer:
     """Builds every part from a Config and runs the loop; `Trainer.resume(run_dir)` continues a run."""
 
-    def __init__(self, cfg: Config, run_dir: Path | None = None, resuming: bool = False) -> None:
-        self.cfg = cfg
-        t = cfg.train
+    def __init__(self, cfg: Config, run_dir: Path | None = None) -> None:
+        """A new run: the parts `cfg` describes, train.init_from's weights to fine-tune from, a fresh run folder."""
+        self._build(cfg)
+        if cfg.train.init_from:
+            self._init_from(cfg.train.init_from)
+        self._open_log(run_dir or RunLog.new_dir(cfg), fresh=True)
+
+    def _build(self, cfg: Config) -> None:
+        """What a new and a resumed run share: process group, device, data, model parts, loader, counters."""
+        self.cfg, t = cfg, cfg.train
         self.par = init_from_env(t.dist_timeout_s)
         self.device = pick_device(t.device, self.par.local_rank)
         torch.manual_seed(t.seed)
         configure_cuda(self.device, t.tf32)
-
         self.dataset, data_root = open_training_set(cfg)
         self.num_classes = self._num_classes(data_root)
         if self.par.active and cfg.data.on_corrupt == "skip":
             raise ConfigError("data.on_corrupt=skip would give the processes unequal batches; use raise with torchrun")
         self.parts = build_parts(cfg, self.num_classes, self.device, self.par)
         self.backbone, self.head, self.optimizer = self.parts.backbone, self.parts.head, self.parts.optimizer
-        if t.init_from and not resuming:
-            self._init_from(t.init_from)
         self.plan = BatchPlan(len(self.dataset), t.batch_size, t.seed, self.par.rank, self.par.world_size)
-        self.loader = TrainLoader(
-            self.dataset,
-            self.plan,
-            num_workers=cfg.data.num_workers,
-            in_memory=cfg.data.in_memory,
-            pin_memory=self.device.type == "cuda",
-            progress=t.progress_bar and self.par.is_main,
-        )
+        self.loader = TrainLoader(self.dataset, self.plan, num_workers=cfg.data.num_workers,
+                                  in_memory=cfg.data.in_memory, pin_memory=self.device.type == "cuda",
+                                  progress=t.progress_bar and self.par.is_main)
         bins = validation_bins(cfg, data_root)
         self.val_sets = [VerificationSet.load(p) for p in bins] if self.par.is_main else []
         self.total_steps = t.max_steps or t.epochs * len(self.plan)
@@ -113,10 +81,13 @@ class Trainer:
         self._skips = torch.zeros((), dtype=torch.int64, device=self.device)
         self._bad_run = torch.zeros((), dtype=torch.int64, device=self.device)
         self.saved_step: int | None = None  # the step of the newest checkpoint of this run
-        run_dir = self._shared(run_dir or RunLog.new_dir(cfg))
-        self.log = RunLog(run_dir, fresh=not resuming) if self.par.is_main else SilentRunLog(run_dir)
-        if not resuming:
-            self.log.write_text("config.yaml", dump_config(cfg))
+
+    def _open_log(self, run_dir: Path, fresh: bool) -> None:
+        """The run folder (rank 0's name on every rank); a fresh one gets the resolved config."""
+        run_dir = self._shared(run_dir)
+        self.log = RunLog(run_dir, fresh=fresh) if self.par.is_main else SilentRunLog(run_dir)
+        if fresh:
+            self.log.write_text("config.yaml", dump_config(self.cfg))
 
     def _shared(self, value):
         """Rank 0's value on every rank (e.g. the run folder, whose name has a timestamp)."""
@@ -158,7 +129,9 @@ class Trainer:
         run_dir = Path(run_dir)
         files.read_index(run_dir / "checkpoints")  # one line when there is no checkpoint, before building anything
         cfg = load_config(run_dir / "config.yaml", overrides or [])
-        trainer = cls(cfg, run_dir=run_dir, resuming=True)
+        trainer = cls.__new__(cls)  # not __init__: a resumed run takes its weights from the checkpoint
+        trainer._build(cfg)
+        trainer._open_log(run_dir, fresh=False)
         step = trainer._choose_checkpoint(step)
         trainer.state = RunState(**ckpt.load_checkpoint(run_dir / "checkpoints", step, trainer.parts))
         trainer.saved_step = step
@@ -187,7 +160,8 @@ class Trainer:
         return entry["step"]
 
     def progress(self) -> float:
-        """Fraction of training done: elapsed time over the budget when one is set, else steps over total."""
+        """Fraction of training done, what the lr schedule and margin ramps follow: steps over total; with a time
+        budget, elapsed time over it, or (when max_steps is also set) whichever of the two is further along."""
         t = self.cfg.train
         by_step = self.state.step / max(self.total_steps, 1)
         if t.time_budget_s <= 0:
@@ -239,6 +213,7 @@ class Trainer:
         epochs_done = self.state.epoch + self.state.batch_in_epoch / max(len(self.plan), 1)
         self.head.set_progress(progress, epochs_done)
         # The flip draws are seeded by (seed, step), so a resumed run mirrors the same images; drawn on the device.
+        # 1_000_003 (a prime above any step count) keeps one seed's steps apart from the next seed's.
         flip_gen = torch.Generator(self.device).manual_seed(cfg.train.seed * 1_000_003 + self.state.step)
         x = to_model_input(images, self.device, cfg.data.flip, flip_gen, self.parts.channels_last)
         y = labels.to(self.device, non_blocking=True)
@@ -282,20 +257,11 @@ class Trainer:
         """
         if not self.par.active:
             return self._fit(until_step)
-        rank, world = self.par.rank, self.par.world_size
         try:
             return self._fit(until_step)
-        except FaceforgeError:
-            raise
         except Exception as exc:
-            if not _collective_failed(exc):  # an out-of-memory, a shape bug: itself, with where it happened
-                raise _where(exc, rank, world, self.state.step) from exc
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TrainingAborted(
-                f"rank {rank}/{world}: lost the other processes at step {self.state.step} "
-                f"(a collective failed or waited over train.dist_timeout_s={self.cfg.train.dist_timeout_s:g}s; "
-                f"another rank may have died, see its log): {first}"
-            ) from exc
+            raise torchrun_error(exc, self.par.rank, self.par.world_size, self.state.step,
+                                 self.cfg.train.dist_timeout_s) from exc
 
     def _stop(self, until_step: int | None) -> bool:
         return self.done() or (until_step is not None and self.state.step >= until_step)
@@ -335,20 +301,18 @@ class Trainer:
             if not stop.agreed and not self._stop(until_step):
                 self._end_epoch(bar)
         bar.close()
+        return self._finish(until_step, stop)
+
+    def _finish(self, until_step: int | None, stop: StopOnSignal) -> dict:
+        """A checkpoint; then, for a run that is done, the final evaluation, report and summary."""
         self.save()
         if stop.agreed:
             raise TrainingInterrupted(stop.agreed, self.state.step, self.log.dir)
         if until_step is not None and not self.done():
             return {"run_dir": str(self.log.dir), "step": self.state.step}
-        results = self.evaluate()
-        summary = {
-            "run_dir": str(self.log.dir),
-            "steps": self.state.step,
-            "train_seconds": round(self.state.elapsed, 1),
-            "skipped_steps": self.state.skipped_steps,
-            "skipped_records": self.state.skipped_records,
-            "eval": results,
-        }
+        s = self.state
+        summary = {"run_dir": str(self.log.dir), "steps": s.step, "train_seconds": round(s.elapsed, 1),
+                   "skipped_steps": s.skipped_steps, "skipped_records": s.skipped_records, "eval": self.evaluate()}
         self.log.finish(summary)
         return summary
 
@@ -394,7 +358,7 @@ class Trainer:
         for vs in self.val_sets:
             metrics, roc = vs.evaluate(self.backbone, device=self.device, precision=self.cfg.train.precision)
             results[vs.name] = metrics
-            self.log.roc_curves[vs.name] = roc
+            self.log.add_roc(vs.name, roc)
         if results:
             self.log.event("eval", self.state.step, results)
         return results
