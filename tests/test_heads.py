@@ -135,6 +135,18 @@ def test_contract_and_registry():
         head(torch.randn(B, D + 1), torch.zeros(B, dtype=torch.long))
 
 
+@pytest.mark.parametrize("name,bad,key", [
+    ("arcface", {"m": 4.0}, "head.m"),
+    ("arcface", {"s": 0.0}, "head.s"),
+    ("cosface", {"margin_warmup": 1.5}, "head.margin_warmup"),
+    ("softmax", {"sample_rate": 0.0}, "head.sample_rate"),
+    ("combined", {"sample_rate": 1.5}, "head.sample_rate"),
+])
+def test_bad_values_raise_config_error_naming_the_key(name, bad, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        build_head(name, D, N, **bad)
+
+
 def test_softmax_view_matches_torch_softmax():
     torch.manual_seed(0)
     head = ArcFace(8, 5, s=10.0, m=0.2).double()

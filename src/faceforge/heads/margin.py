@@ -18,6 +18,7 @@ from faceforge.heads.base import (
     replace_target,
     softmax_cross_entropy,
 )
+from faceforge.errors import ConfigError
 from faceforge.registry import HEADS
 from faceforge.runtime import fp32_only
 
@@ -37,7 +38,7 @@ class Softmax(Head):
     ) -> None:
         super().__init__(embedding_size, num_classes, shard)
         if not 0.0 < sample_rate <= 1.0:
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+            raise ConfigError(f"head.sample_rate must be in (0, 1], got {sample_rate}")
         self.sample_rate = float(sample_rate)
         self.weight = nn.Parameter(torch.empty(self.shard.count, embedding_size).normal_(0.0, 0.01))
         self._sampled: torch.Tensor | None = None
@@ -95,9 +96,9 @@ class CombinedMargin(Softmax):
     ) -> None:
         super().__init__(embedding_size, num_classes, sample_rate, shard)
         if s <= 0:
-            raise ValueError(f"scale s must be positive, got {s}")
+            raise ConfigError(f"head.s (the logit scale) must be positive, got {s}")
         if not 0.0 <= margin_warmup <= 1.0:
-            raise ValueError(f"margin_warmup is a fraction of training in [0, 1], got {margin_warmup}")
+            raise ConfigError(f"head.margin_warmup is a fraction of training in [0, 1], got {margin_warmup}")
         self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)
         self.straight_through = straight_through
         self.margin_warmup = margin_warmup
@@ -163,7 +164,7 @@ class ArcFace(CombinedMargin):
         shard: ClassShard | None = None,
     ) -> None:
         if not 0.0 <= m < math.pi:
-            raise ValueError(f"ArcFace margin m must be in [0, pi), got {m}")
+            raise ConfigError(f"head.m (ArcFace's angular margin) must be in [0, pi), got {m}")
         super().__init__(
             embedding_size, num_classes, s, 1.0, m, 0.0, straight_through, margin_warmup, sample_rate, shard
         )

@@ -17,6 +17,7 @@ from torch import nn
 from faceforge.heads.base import (
     ClassShard, Head, HeadOutput, at_least_fp32, class_max, class_sum, sample_classes, sum_over_shards,
 )
+from faceforge.errors import ConfigError
 from faceforge.registry import HEADS
 from faceforge.runtime import fp32_only
 
@@ -83,6 +84,21 @@ def softplus(x: torch.Tensor) -> torch.Tensor:
     return torch.logaddexp(x, x.new_zeros(()))
 
 
+def _check_params(variant: str, num_classes: int, lam: float, r: float, t: float, lw: float, rate: float) -> None:
+    """ConfigError naming the `head.*` key of the first value SphereFace2 cannot use."""
+    if variant not in DEFAULT_MARGIN:
+        raise ConfigError(f"head.variant must be one of {', '.join(DEFAULT_MARGIN)} for SphereFace2, got {variant!r}")
+    if num_classes < 2:
+        raise ConfigError(f"SphereFace2 needs at least 2 classes (head.num_classes), got {num_classes}")
+    if not 0.0 < lam < 1.0:
+        raise ConfigError(f"head.lam must be in (0, 1), got {lam}")
+    for key, value in (("r", r), ("t", t), ("lw", lw)):
+        if value <= 0:
+            raise ConfigError(f"head.{key} must be positive, got {value}")
+    if not 0.0 < rate <= 1.0:
+        raise ConfigError(f"head.sample_rate must be in (0, 1], got {rate}")
+
+
 class SphereFace2(Head):
     """One-vs-all binary classifiers: per sample (λ/r)·softplus(−s_y) + ((1−λ)/r)·Σ_{i≠y} softplus(s_i), times lw.
 
@@ -109,16 +125,7 @@ class SphereFace2(Head):
         shard: ClassShard | None = None,
     ) -> None:
         super().__init__(embedding_size, num_classes, shard)
-        if variant not in DEFAULT_MARGIN:
-            raise ValueError(f"SphereFace2 variant must be one of {', '.join(DEFAULT_MARGIN)}, got {variant!r}")
-        if num_classes < 2:
-            raise ValueError(f"SphereFace2 needs at least 2 classes, got {num_classes}")
-        if not 0.0 < lam < 1.0:
-            raise ValueError(f"SphereFace2 lam must be in (0, 1), got {lam}")
-        if r <= 0 or t <= 0 or lw <= 0:
-            raise ValueError(f"SphereFace2 r, t and lw must be positive, got r={r}, t={t}, lw={lw}")
-        if not 0.0 < sample_rate <= 1.0:
-            raise ValueError(f"SphereFace2 sample_rate must be in (0, 1], got {sample_rate}")
+        _check_params(variant, num_classes, lam, r, t, lw, sample_rate)
         self.variant = variant
         self.lam, self.r, self.t, self.lw = float(lam), float(r), float(t), float(lw)
         self.m = float(DEFAULT_MARGIN[variant] if m is None else m)
