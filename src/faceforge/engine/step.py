@@ -16,9 +16,8 @@ from faceforge.distributed import all_gather_nograd, all_gather_with_grad
 from faceforge.engine.optim import build_optimizer
 from faceforge.engine.parallel import Parallel, class_shard, sum_replicated_head_grads, wrap_backbone
 from faceforge.heads import Head, build_head
-from faceforge.heads.base import at_least_fp32
 from faceforge.registry import HEADS, REGULARIZERS
-from faceforge.runtime import autocast_dtype, to_host
+from faceforge.runtime import at_least_fp32, autocast_dtype, to_host
 
 
 @dataclass

@@ -80,11 +80,6 @@ def sample_classes(shard: ClassShard, labels: torch.Tensor, rate: float) -> Clas
     return ClassSample(index, ClassShard(shard.start, len(index), shard.group), mapped, positive[index], others, keep)
 
 
-def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """fp16/bf16 tensors widened to fp32; fp32/fp64 kept (so float64 gradient checks stay exact)."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
 class _SumOverShards(torch.autograd.Function):
     """All-reduce SUM whose backward passes the gradient through unchanged.
 

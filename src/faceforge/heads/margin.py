@@ -11,7 +11,6 @@ from torch import nn
 from faceforge.heads.base import (
     ClassShard,
     Head,
-    at_least_fp32,
     HeadOutput,
     pick_target,
     sample_classes,
@@ -20,7 +19,7 @@ from faceforge.heads.base import (
 )
 from faceforge.errors import ConfigError
 from faceforge.registry import HEADS
-from faceforge.runtime import fp32_only
+from faceforge.runtime import at_least_fp32, fp32_only
 
 _ACOS_EPS = 1e-7
 

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from faceforge.heads.base import (
-    ClassShard, Head, HeadOutput, at_least_fp32, class_max, class_sum, sample_classes, sum_over_shards,
+    ClassShard, Head, HeadOutput, class_max, class_sum, sample_classes, sum_over_shards,
 )
 from faceforge.errors import ConfigError
 from faceforge.registry import HEADS
-from faceforge.runtime import fp32_only
+from faceforge.runtime import at_least_fp32, fp32_only
 
 DEFAULT_MARGIN = {"C": 0.4, "A": 0.5, "M": 1.7}
 _ACOS_EPS = 1e-7

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from faceforge import distributed
 from faceforge.errors import ConfigError
-from faceforge.heads.base import Head, HeadOutput, at_least_fp32, softmax_cross_entropy, sum_over_shards
+from faceforge.heads.base import Head, HeadOutput, softmax_cross_entropy, sum_over_shards
 from faceforge.heads.margin import Softmax
-from faceforge.runtime import fp32_only
+from faceforge.runtime import at_least_fp32, fp32_only
 
 
 def negative_pair_mask(labels: torch.Tensor) -> torch.Tensor:

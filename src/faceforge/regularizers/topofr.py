@@ -18,13 +18,12 @@ from typing import Any
 import torch
 
 from faceforge.errors import ConfigError
-from faceforge.heads.base import at_least_fp32
 from faceforge.heads.margin import Softmax
 from faceforge.regularizers.base import RegOutput, Regularizer
 from faceforge.regularizers.rsp import random_structure_perturbation
 from faceforge.regularizers.sde import sde_weights
 from faceforge.registry import REGULARIZERS
-from faceforge.runtime import fp32_only
+from faceforge.runtime import at_least_fp32, fp32_only
 from faceforge.topology import persistence0
 
 LOSSES = ("paper", "official")
