@@ -8,8 +8,9 @@ from typing import Any
 import math
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from faceforge import distributed
 
 
 @dataclass
@@ -46,6 +47,10 @@ class ClassShard:
         owned = (local >= 0) & (local < self.count)
         return torch.where(owned, local, torch.zeros_like(local)), owned
 
+    def rows_of(self, whole: torch.Tensor) -> torch.Tensor:
+        """This shard's block (a copy) of a whole [num_classes, ...] tensor."""
+        return whole[self.start:self.start + self.count].clone()
+
 
 @dataclass(frozen=True)
 class ClassSample:
@@ -80,40 +85,14 @@ def sample_classes(shard: ClassShard, labels: torch.Tensor, rate: float) -> Clas
     return ClassSample(index, ClassShard(shard.start, len(index), shard.group), mapped, positive[index], others, keep)
 
 
-class _SumOverShards(torch.autograd.Function):
-    """All-reduce SUM whose backward passes the gradient through unchanged.
-
-    Every rank computes the same (replicated) loss from the summed value, so each shard's inputs must
-    receive exactly their own gradient; torch's differentiable all_reduce would multiply it by the world size.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
-
-
-def sum_over_shards(x: torch.Tensor, shard: "ClassShard") -> torch.Tensor:
-    """Elementwise sum of `x` across the shards of the class dimension (identity with one shard)."""
-    return x if shard.group is None else _SumOverShards.apply(x, shard.group)
-
-
 def class_max(values: torch.Tensor, shard: ClassShard) -> torch.Tensor:
     """Row-wise max over all classes (no gradient: used for stability and accuracy)."""
-    m = values.detach().amax(dim=1)
-    if shard.group is not None:
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=shard.group)
-    return m
+    return distributed.max_over_ranks(values.detach().amax(dim=1), shard.group)
 
 
 def class_sum(values: torch.Tensor, shard: ClassShard) -> torch.Tensor:
     """Row-wise sum over all classes, differentiable across shards."""
-    return sum_over_shards(values.sum(dim=1), shard)
+    return distributed.sum_over_ranks(values.sum(dim=1), shard.group)
 
 
 def class_logsumexp(logits: torch.Tensor, shard: ClassShard, extra: torch.Tensor | None = None) -> torch.Tensor:
@@ -130,7 +109,7 @@ def class_logsumexp(logits: torch.Tensor, shard: ClassShard, extra: torch.Tensor
 def pick_target(values: torch.Tensor, labels: torch.Tensor, shard: ClassShard) -> torch.Tensor:
     """values[i, labels[i]] for every row, wherever the label's class lives."""
     local, owned = shard.local_labels(labels)
-    return sum_over_shards(values.gather(1, local[:, None]).squeeze(1) * owned, shard)
+    return distributed.sum_over_ranks(values.gather(1, local[:, None]).squeeze(1) * owned, shard.group)
 
 
 def replace_target(values: torch.Tensor, labels: torch.Tensor, target: torch.Tensor, shard: ClassShard) -> torch.Tensor:
@@ -226,3 +205,15 @@ class Head(nn.Module):
             raise ValueError(f"head expects embeddings [B, {self.embedding_size}], got {list(embeddings.shape)}")
         if labels.shape != embeddings.shape[:1]:
             raise ValueError(f"head expects labels [{embeddings.shape[0]}], got {list(labels.shape)}")
+
+
+def is_class_rows(value: object, param: torch.Tensor, rows: int | None = None) -> bool:
+    """Whether `value` holds one row per class of the class parameter `param` (the centres themselves, their
+    optimizer state): a tensor shaped as `param` but with `rows` rows (default: param's, i.e. this shard's).
+
+    The one rule the step (which rows to leave untouched) and checkpoints (which tensors to gather and cut to a
+    shard) share; scalars such as AdamW's `step` are not rows.
+    """
+    if not torch.is_tensor(value) or value.ndim != param.ndim or value.ndim == 0:
+        return False
+    return value.shape[0] == (param.shape[0] if rows is None else rows) and value.shape[1:] == param.shape[1:]

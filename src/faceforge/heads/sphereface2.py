@@ -7,16 +7,16 @@ sum scalars per sample; no partition function is reduced across ranks.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, TypeVar
+from typing import NamedTuple, TypeVar
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from faceforge.heads.base import (
-    ClassShard, Head, HeadOutput, class_max, class_sum, sample_classes, sum_over_shards,
+    ClassShard, Head, HeadOutput, class_max, class_sum, sample_classes,
 )
+from faceforge import distributed
 from faceforge.errors import ConfigError
 from faceforge.registry import HEADS
 from faceforge.runtime import at_least_fp32, fp32_only
@@ -52,21 +52,6 @@ def initial_bias(variant: str, num_classes: int, lam: float, r: float, m: float,
         a_p, a_n = r * adjust(positive_cosine(0.0, variant, m), t), r * adjust(0.0, t)
     z = lam / ((1.0 - lam) * (num_classes - 1))
     return math.log(2.0 * z) - a_n - math.log(1.0 - z + math.sqrt((1.0 - z) ** 2 + 4.0 * z * math.exp(a_p - a_n)))
-
-
-class _SumGradOverShards(torch.autograd.Function):
-    """Identity whose backward all-reduces the gradient, so every shard's copy of b gets the whole ∂L/∂b."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        grad = grad.clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
 
 
 class Columns(NamedTuple):
@@ -141,7 +126,7 @@ class SphereFace2(Head):
     def shared_bias(self) -> torch.Tensor:
         """b in fp32; with a process group its gradient is summed over the shards, so every copy stays equal."""
         b = at_least_fp32(self.bias)
-        return b if self.shard.group is None else _SumGradOverShards.apply(b, self.shard.group)
+        return distributed.sum_grad_over_ranks(b, self.shard.group)
 
     def columns(self, labels: torch.Tensor) -> Columns:
         """This step's centres: the whole shard, or with sampling (in training) every label's class plus a random
@@ -182,7 +167,7 @@ class SphereFace2(Head):
                 coef = coef * (1.0 + (factor - 1.0) * sampled.to(cos.dtype))
             terms = coef * softplus(logits * (1.0 - 2.0 * positive))
             per_sample = (self.lw / self.r) * class_sum(terms, self.shard)
-            target = sum_over_shards(cos.detach().gather(1, local[:, None]).squeeze(1) * owned, self.shard)
+            target = distributed.sum_over_ranks(cos.detach().gather(1, local[:, None]).squeeze(1) * owned, self.shard.group)
             acc = (target >= class_max(cos, self.shard)).float().mean()
         return HeadOutput(
             loss=per_sample.mean(),

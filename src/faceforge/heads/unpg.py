@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from faceforge import distributed
 from faceforge.errors import ConfigError
-from faceforge.heads.base import Head, HeadOutput, softmax_cross_entropy, sum_over_shards
+from faceforge.heads.base import Head, HeadOutput, softmax_cross_entropy
 from faceforge.heads.margin import Softmax
 from faceforge.runtime import at_least_fp32, fp32_only
 
@@ -89,7 +89,7 @@ class UNPG(Head):
         mine = torch.zeros_like(kept)
         mine[distributed.rank(group)::distributed.world_size(group)] = True
         partial = (torch.exp(scaled - top) * (kept & mine)).sum()
-        return top + torch.log(sum_over_shards(partial, self.shard))
+        return top + torch.log(distributed.sum_over_ranks(partial, group))
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
         self.check_input(embeddings, labels)
