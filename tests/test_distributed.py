@@ -281,3 +281,17 @@ def test_compressed_gradient_hook_sums_in_bf16(tmp_path):
         out = torch.load(tmp_path / f"hook-{r}.pt")
         assert out.dtype == torch.float32
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_one_split_of_classes_over_ranks():
+    from faceforge import distributed
+    from faceforge.engine.head_memory import plan_head_memory
+    from faceforge.engine.parallel import class_shard
+
+    for n, k in [(11, 2), (10, 3), (7, 7), (5, 1)]:
+        ranges = [distributed.shard_range(n, k, r) for r in range(k)]
+        counts = [c for _, c in ranges]
+        assert [s for s, _ in ranges] == distributed.shard_bounds(n, k)[:-1] and sum(counts) == n
+        assert max(counts) - min(counts) <= 1 and distributed.largest_shard(n, k) == max(counts)
+        assert [(s.start, s.count) for s in (class_shard(n, Parallel(rank=r, world_size=k)) for r in range(k))] == ranges
+        assert plan_head_memory(n, k, per_logit=16.0)["classes_per_rank"] == max(counts)

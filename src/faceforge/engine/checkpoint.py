@@ -94,7 +94,7 @@ def load_optimizer_state(
 def rng_state(device: torch.device, par: Parallel) -> dict[str, list[torch.Tensor | None]]:
     """Every rank's CPU generator state and, when it trains on CUDA, its device's generator state (rank order).
 
-    No head or regularizer owns a torch.Generator: PartialFC's class sampling (heads/base.py sample_classes), SDE's
+    No head or regularizer owns a torch.Generator: PartialFC's class sampling (heads/centres.py sample_classes), SDE's
     random sign (regularizers/sde.py), PTSA's draws (regularizers/rsp.py), GIF's random codes and dropout all draw
     from the global CPU or device generator, so these states make a resumed run replay every draw. (The flip mask
     has a generator seeded from the step.)

@@ -7,17 +7,16 @@ sum scalars per sample; no partition function is reduced across ranks.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from faceforge.heads.base import (
-    ClassShard, Head, HeadOutput, class_max, class_sum, sample_classes,
-)
 from faceforge import distributed
 from faceforge.errors import ConfigError
+from faceforge.heads.base import CentreHead, HeadOutput
+from faceforge.heads.centres import ClassSample, ClassShard, class_sum, target_mask, top1_accuracy
 from faceforge.registry import HEADS
 from faceforge.runtime import at_least_fp32, fp32_only
 
@@ -54,22 +53,12 @@ def initial_bias(variant: str, num_classes: int, lam: float, r: float, m: float,
     return math.log(2.0 * z) - a_n - math.log(1.0 - z + math.sqrt((1.0 - z) ** 2 + 4.0 * z * math.exp(a_p - a_n)))
 
 
-class Columns(NamedTuple):
-    """The centres one step uses, labels local to them, and which sampled columns carry the weight `factor`."""
-
-    weight: torch.Tensor
-    local: torch.Tensor
-    owned: torch.Tensor
-    sampled: torch.Tensor | None
-    factor: float
-
-
 def softplus(x: torch.Tensor) -> torch.Tensor:
     """log(1 + e^x) without overflow and without torch's linear cut-off at x > 20 (exact in float64)."""
     return torch.logaddexp(x, x.new_zeros(()))
 
 
-def _check_params(variant: str, num_classes: int, lam: float, r: float, t: float, lw: float, rate: float) -> None:
+def _check_params(variant: str, num_classes: int, lam: float, r: float, t: float, lw: float) -> None:
     """ConfigError naming the `head.*` key of the first value SphereFace2 cannot use."""
     if variant not in DEFAULT_MARGIN:
         raise ConfigError(f"head.variant must be one of {', '.join(DEFAULT_MARGIN)} for SphereFace2, got {variant!r}")
@@ -80,20 +69,17 @@ def _check_params(variant: str, num_classes: int, lam: float, r: float, t: float
     for key, value in (("r", r), ("t", t), ("lw", lw)):
         if value <= 0:
             raise ConfigError(f"head.{key} must be positive, got {value}")
-    if not 0.0 < rate <= 1.0:
-        raise ConfigError(f"head.sample_rate must be in (0, 1], got {rate}")
 
 
-class SphereFace2(Head):
+class SphereFace2(CentreHead):
     """One-vs-all binary classifiers: per sample (λ/r)·softplus(−s_y) + ((1−λ)/r)·Σ_{i≠y} softplus(s_i), times lw.
 
     s_i = r·g(cos θ_i) + b with the variant's margin: C subtracts m from the positive's g and adds it to every
     negative's; A and M margin the positive's angle only. `detach_adjust` makes g and the margin a constant offset
     (∂s/∂cos = r, the official `main` branch); it defaults to False for C and True for A and M.
-    `sample_rate` < 1 samples the negative classes per shard (see `columns`).
+    `sample_rate` < 1 samples the negative classes per shard; a sampled negative then weighs 1 / its inclusion
+    probability, so the loss stays an unbiased estimate of the whole sum.
     """
-
-    class_parameters = ("weight",)
 
     def __init__(
         self,
@@ -109,15 +95,12 @@ class SphereFace2(Head):
         sample_rate: float = 1.0,
         shard: ClassShard | None = None,
     ) -> None:
-        super().__init__(embedding_size, num_classes, shard)
-        _check_params(variant, num_classes, lam, r, t, lw, sample_rate)
+        _check_params(variant, num_classes, lam, r, t, lw)
+        super().__init__(embedding_size, num_classes, sample_rate, shard)
         self.variant = variant
         self.lam, self.r, self.t, self.lw = float(lam), float(r), float(t), float(lw)
         self.m = float(DEFAULT_MARGIN[variant] if m is None else m)
         self.detach_adjust = variant != "C" if detach_adjust is None else bool(detach_adjust)
-        self.sample_rate = float(sample_rate)
-        self.weight = nn.Parameter(torch.empty(self.shard.count, embedding_size).normal_(0.0, 0.01))
-        self._sampled: torch.Tensor | None = None
         self.bias = nn.Parameter(torch.tensor(initial_bias(variant, num_classes, self.lam, self.r, self.m, self.t)))
 
     def no_weight_decay(self) -> list[str]:
@@ -127,20 +110,6 @@ class SphereFace2(Head):
         """b in fp32; with a process group its gradient is summed over the shards, so every copy stays equal."""
         b = at_least_fp32(self.bias)
         return distributed.sum_grad_over_ranks(b, self.shard.group)
-
-    def columns(self, labels: torch.Tensor) -> Columns:
-        """This step's centres: the whole shard, or with sampling (in training) every label's class plus a random
-        `sample_rate` fraction of the others, each weighted by 1 / its inclusion probability."""
-        sample = sample_classes(self.shard, labels, self.sample_rate) if self.training else None
-        self._sampled = None if sample is None else sample.index
-        if sample is None:
-            local, owned = self.shard.local_labels(labels)
-            return Columns(self.weight, local, owned, None, 1.0)
-        local, owned = sample.shard.local_labels(sample.labels)
-        return Columns(self.weight[sample.index], local, owned, ~sample.positive, sample.others / sample.kept_others)
-
-    def sampled_class_rows(self) -> dict[str, torch.Tensor]:
-        return {} if self._sampled is None else {"weight": self._sampled}
 
     def logits(self, cos: torch.Tensor, onehot: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """Binary logits s = r·(adjusted cosine) + b, the target column margined as the variant says."""
@@ -153,22 +122,27 @@ class SphereFace2(Head):
             adjusted = cos + (adjusted - cos).detach()
         return self.r * adjusted + self.shared_bias()
 
+    def coefficients(self, positive: torch.Tensor, sample: ClassSample | None) -> torch.Tensor:
+        """Each term's weight from the 0/1 target matrix: λ for the positive, 1 − λ for a negative, times
+        others / kept for a sampled negative."""
+        coef = self.lam * positive + (1.0 - self.lam) * (1.0 - positive)
+        if sample is None:
+            return coef
+        factor = sample.others / sample.kept_others
+        return coef * (1.0 + (factor - 1.0) * (~sample.positive).to(coef.dtype))
+
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
         self.check_input(embeddings, labels)
         with fp32_only(embeddings.device):
-            weight, local, owned, sampled, factor = self.columns(labels)
+            weight, labels, shard, sample = self.step_centres(labels)
             x = F.normalize(at_least_fp32(embeddings), dim=1)
             cos = (x @ F.normalize(at_least_fp32(weight), dim=1).t()).clamp(-1.0, 1.0)
-            onehot = torch.zeros_like(cos, dtype=torch.bool).scatter_(1, local[:, None], owned[:, None])
-            logits = self.logits(cos, onehot, local)
+            onehot = target_mask(cos, labels, shard)
+            logits = self.logits(cos, onehot, shard.local_labels(labels)[0])
             positive = onehot.to(cos.dtype)
-            coef = self.lam * positive + (1.0 - self.lam) * (1.0 - positive)
-            if sampled is not None:
-                coef = coef * (1.0 + (factor - 1.0) * sampled.to(cos.dtype))
-            terms = coef * softplus(logits * (1.0 - 2.0 * positive))
-            per_sample = (self.lw / self.r) * class_sum(terms, self.shard)
-            target = distributed.sum_over_ranks(cos.detach().gather(1, local[:, None]).squeeze(1) * owned, self.shard.group)
-            acc = (target >= class_max(cos, self.shard)).float().mean()
+            terms = self.coefficients(positive, sample) * softplus(logits * (1.0 - 2.0 * positive))
+            per_sample = (self.lw / self.r) * class_sum(terms, shard)
+            acc = top1_accuracy(cos, labels, shard)
         return HeadOutput(
             loss=per_sample.mean(),
             per_sample_loss=per_sample,
