@@ -10,6 +10,7 @@ from torch import nn
 
 import faceforge.regularizers  # noqa: F401  (registers the built-in regularizers)
 from faceforge.backbones import build_backbone
+from faceforge.backbones.base import check_backbone
 from faceforge.config import Config
 from faceforge import distributed
 from faceforge.distributed import all_gather_nograd, all_gather_with_grad
@@ -51,7 +52,7 @@ def build_parts(cfg: Config, num_classes: int, device: torch.device, par: Parall
     t = cfg.train
     amp_dtype = autocast_dtype(t.precision, device)
     channels_last = t.channels_last == "true" or (t.channels_last == "auto" and device.type == "cuda")
-    backbone = build_backbone(**cfg.backbone).to(device)
+    backbone = check_backbone(build_backbone(**cfg.backbone), cfg.backbone["name"]).to(device)
     if channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     head_params = {k: v for k, v in cfg.head.items() if k not in ("name", "num_classes")}
