@@ -293,5 +293,6 @@ def test_one_split_of_classes_over_ranks():
         counts = [c for _, c in ranges]
         assert [s for s, _ in ranges] == distributed.shard_bounds(n, k)[:-1] and sum(counts) == n
         assert max(counts) - min(counts) <= 1 and distributed.largest_shard(n, k) == max(counts)
-        assert [(s.start, s.count) for s in (class_shard(n, Parallel(rank=r, world_size=k)) for r in range(k))] == ranges
+        shards = [class_shard(n, Parallel(rank=r, world_size=k)) for r in range(k)]
+        assert [(s.start, s.count) for s in shards] == ranges
         assert plan_head_memory(n, k, per_logit=16.0)["classes_per_rank"] == max(counts)
