@@ -7,7 +7,7 @@ runs both ways. Nothing here knows about heads or the engine: both import it, it
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -142,6 +142,15 @@ def max_over_ranks(x: torch.Tensor, group: Any) -> torch.Tensor:
     if group is not None:
         dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
     return x
+
+
+def sum_grads(params: Iterable[torch.Tensor], group: Any) -> None:
+    """Sum every parameter's gradient over `group` in place (parameters without one are skipped)."""
+    if group is None:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
 
 
 def gather_rows(t: torch.Tensor, num_rows: int, group: Any) -> torch.Tensor:

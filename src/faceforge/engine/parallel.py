@@ -118,8 +118,5 @@ def unwrap(backbone: nn.Module) -> nn.Module:
 def sum_replicated_head_grads(head: Head, par: Parallel) -> None:
     """A replicated head (no class shard, e.g. GIF) sums its gradients over ranks. A sharded head needs nothing:
     its centres are its own and its shared parameters get whole gradients in its backward (SphereFace2's bias)."""
-    if not par.active or head.shard.group is not None:
-        return
-    for p in head.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad, group=par.group)
+    if head.shard.group is None:
+        distributed.sum_grads(head.parameters(), par.group)

@@ -13,6 +13,8 @@ import torch
 
 from faceforge import distributed
 
+_ACOS_EPS = 1e-7
+
 
 @dataclass(frozen=True)
 class ClassShard:
@@ -57,6 +59,11 @@ class StepCentres(NamedTuple):
     labels: torch.Tensor
     shard: ClassShard
     sample: ClassSample | None
+
+
+def angle(cos: torch.Tensor) -> torch.Tensor:
+    """θ = arccos(cos), cos kept 1e-7 inside ±1: arccos' gradient is infinite at ±1 (a NaN at cos = ±1 otherwise)."""
+    return torch.acos(cos.clamp(-1.0 + _ACOS_EPS, 1.0 - _ACOS_EPS))
 
 
 def sample_classes(shard: ClassShard, labels: torch.Tensor, rate: float) -> ClassSample | None:

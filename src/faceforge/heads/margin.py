@@ -9,11 +9,9 @@ import torch.nn.functional as F
 
 from faceforge.errors import ConfigError
 from faceforge.heads.base import SoftmaxHead
-from faceforge.heads.centres import ClassShard, pick_target, replace_target
+from faceforge.heads.centres import ClassShard, angle, pick_target, replace_target
 from faceforge.registry import HEADS
 from faceforge.runtime import at_least_fp32
-
-_ACOS_EPS = 1e-7
 
 
 class Softmax(SoftmaxHead):
@@ -75,7 +73,7 @@ class CombinedMargin(Softmax):
         if m1 == 1.0 and m2 == 0.0:
             out = cos_target - m3
         else:
-            theta = torch.acos(cos_target.clamp(-1.0 + _ACOS_EPS, 1.0 - _ACOS_EPS))
+            theta = angle(cos_target)
             out = torch.cos(m1 * theta + m2) - m3
         if self.straight_through:
             out = cos_target + (out - cos_target).detach()

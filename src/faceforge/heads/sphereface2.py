@@ -16,12 +16,11 @@ from torch import nn
 from faceforge import distributed
 from faceforge.errors import ConfigError
 from faceforge.heads.base import CentreHead, HeadOutput
-from faceforge.heads.centres import ClassSample, ClassShard, class_sum, target_mask, top1_accuracy
+from faceforge.heads.centres import ClassSample, ClassShard, angle, class_sum, target_mask, top1_accuracy
 from faceforge.registry import HEADS
 from faceforge.runtime import at_least_fp32, fp32_only
 
 DEFAULT_MARGIN = {"C": 0.4, "A": 0.5, "M": 1.7}
-_ACOS_EPS = 1e-7
 
 Scalar = TypeVar("Scalar", float, torch.Tensor)
 
@@ -34,7 +33,7 @@ def adjust(z: Scalar, t: float) -> Scalar:
 def positive_cosine(cos_y: Scalar, variant: str, m: float) -> Scalar:
     """The positive's margined cosine for A (cos(min(θ + m, π))) and M (cos(min(m·θ, π)))."""
     if isinstance(cos_y, torch.Tensor):
-        theta = torch.acos(cos_y.clamp(-1.0 + _ACOS_EPS, 1.0 - _ACOS_EPS))
+        theta = angle(cos_y)
         return torch.cos((theta + m if variant == "A" else theta * m).clamp(max=math.pi))
     theta = math.acos(cos_y)
     return math.cos(min(theta + m if variant == "A" else theta * m, math.pi))
