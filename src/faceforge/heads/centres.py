@@ -26,6 +26,7 @@ class ClassShard:
 
     @staticmethod
     def whole(num_classes: int) -> "ClassShard":
+        """Every class, in one process (no group)."""
         return ClassShard(0, num_classes, None)
 
     def local_labels(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
