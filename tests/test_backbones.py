@@ -135,3 +135,23 @@ def test_unknown_name_or_keyword_is_a_config_error() -> None:
         build_backbone("r51")
     with pytest.raises(ConfigError, match="num_features"):
         build_backbone("r18", num_features=512)
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_every_shipped_backbone_keeps_the_declared_contract(name: str) -> None:
+    from faceforge.backbones.base import Backbone, check_backbone
+
+    model = meta_model(name)
+    assert isinstance(model, Backbone) and check_backbone(model, name) is model
+    assert isinstance(model.features, nn.Module)  # arcface_torch's name for the final embedding block
+
+
+def test_a_module_without_embedding_size_is_refused() -> None:
+    from faceforge.backbones.base import check_backbone
+
+    with pytest.raises(ConfigError, match="backbone 'plain': a backbone must expose `embedding_size`"):
+        check_backbone(nn.Linear(2, 2), "plain")
+    odd = nn.Linear(2, 2)
+    odd.embedding_size = 0
+    with pytest.raises(ConfigError, match="embedding_size must be a positive int, got 0"):
+        check_backbone(odd, "odd")

@@ -297,3 +297,18 @@ def test_scalar_collective_gives_every_rank_the_reduced_values(tmp_path):
     mp.spawn(_scalar_worker, args=(3, str(tmp_path / "init"), str(tmp_path)), nprocs=3, join=True)
     for r in range(3):
         assert torch.load(tmp_path / f"scalar-{r}.pt").tolist() == [2.5, 0.0]
+
+
+def test_one_split_of_classes_over_ranks():
+    from faceforge import distributed
+    from faceforge.engine.head_memory import plan_head_memory
+    from faceforge.engine.parallel import class_shard
+
+    for n, k in [(11, 2), (10, 3), (7, 7), (5, 1)]:
+        ranges = [distributed.shard_range(n, k, r) for r in range(k)]
+        counts = [c for _, c in ranges]
+        assert [s for s, _ in ranges] == distributed.shard_bounds(n, k)[:-1] and sum(counts) == n
+        assert max(counts) - min(counts) <= 1 and distributed.largest_shard(n, k) == max(counts)
+        shards = [class_shard(n, Parallel(rank=r, world_size=k)) for r in range(k)]
+        assert [(s.start, s.count) for s in shards] == ranges
+        assert plan_head_memory(n, k, per_logit=16.0)["classes_per_rank"] == max(counts)

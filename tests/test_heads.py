@@ -135,6 +135,18 @@ def test_contract_and_registry():
         head(torch.randn(B, D + 1), torch.zeros(B, dtype=torch.long))
 
 
+@pytest.mark.parametrize("name,bad,key", [
+    ("arcface", {"m": 4.0}, "head.m"),
+    ("arcface", {"s": 0.0}, "head.s"),
+    ("cosface", {"margin_warmup": 1.5}, "head.margin_warmup"),
+    ("softmax", {"sample_rate": 0.0}, "head.sample_rate"),
+    ("combined", {"sample_rate": 1.5}, "head.sample_rate"),
+])
+def test_bad_values_raise_config_error_naming_the_key(name, bad, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        build_head(name, D, N, **bad)
+
+
 def test_softmax_view_matches_torch_softmax():
     torch.manual_seed(0)
     head = ArcFace(8, 5, s=10.0, m=0.2).double()
@@ -170,3 +182,34 @@ def test_sampled_softmax_keeps_positives_and_trains_on_the_sample_only():
     head.eval()
     head(x, y)
     assert head.sampled_class_rows() == {}
+
+
+def test_registered_heads_and_wrappers_are_listed():
+    from faceforge.heads import SoftmaxHead, list_head_wrappers, list_heads
+
+    assert {"arcface", "cosface", "combined", "softmax", "sphereface2", "gif"} <= set(list_heads())
+    assert list_heads() == sorted(list_heads()) and "unpg" not in list_heads()
+    assert list_head_wrappers() == ["unpg"]
+    # The softmax family declares the interface UNPG and SDE rely on; the others declare no softmax view.
+    for name in ("arcface", "cosface", "combined", "softmax"):
+        head = build_head(name, D, N)
+        assert isinstance(head, SoftmaxHead) and head.gives_softmax
+    assert not build_head("sphereface2", D, N).gives_softmax
+    assert build_head("softmax", D, N).s == 1.0 and build_head("arcface", D, N, s=32.0).s == 32.0
+
+
+def test_wrapper_tables_name_the_key():
+    with pytest.raises(ConfigError, match=r"head\.unpg\.k must be a number"):
+        build_head("arcface", D, N, unpg={"k": "wide"})
+    with pytest.raises(ConfigError, match=r"head\.unpg\.q: unknown key; known: k"):
+        build_head("arcface", D, N, unpg={"q": 1.0})
+
+
+def test_one_rule_for_per_class_rows():
+    from faceforge.heads.base import is_class_rows
+
+    w = torch.zeros(4, 3)
+    assert is_class_rows(torch.zeros(4, 3), w) and is_class_rows(torch.zeros(10, 3), w, rows=10)
+    assert not is_class_rows(torch.zeros(10, 3), w)  # a whole tensor is not this shard's rows
+    assert not is_class_rows(torch.zeros(4, 2), w) and not is_class_rows(torch.zeros(4), w)
+    assert not is_class_rows(torch.tensor(3.0), w) and not is_class_rows(3.0, w)  # AdamW's step

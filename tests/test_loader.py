@@ -10,7 +10,7 @@ import torch
 from faceforge.config import load_config
 from faceforge.data.loader import BatchPlan, TrainLoader, to_model_input
 from faceforge.data.record_dataset import RecordDataset
-from faceforge.heads import check_unpg_params
+from faceforge.heads import split_wrappers
 from faceforge.registry import BACKBONES, HEADS, REGULARIZERS
 
 import faceforge.backbones  # noqa: F401  (registers the backbones)
@@ -61,7 +61,7 @@ def test_shipped_configs_are_valid(path):
     cfg = load_config(path)
     tables = [(BACKBONES, cfg.backbone), (HEADS, cfg.head)] + [(REGULARIZERS, r) for r in cfg.regularizers]
     for registry, table in tables:
-        params = {k: v for k, v in table.items() if k not in ("name", "unpg")}
+        params = {k: v for k, v in table.items() if k != "name"}
+        if registry is HEADS:
+            params, _ = split_wrappers(params)  # checks the wrapper tables (head.unpg) as build_head does
         inspect.signature(registry.get(table["name"])).bind_partial(**params)
-    if "unpg" in cfg.head:
-        check_unpg_params(cfg.head["unpg"])

@@ -267,10 +267,11 @@ def test_contract_registry_and_weight_decay_groups():
     assert [p is head.bias for p in groups[1]["params"]] == [True] and groups[1]["weight_decay"] == 0.0
     with pytest.raises(ConfigError, match="scale"):
         build_head("sphereface2", D, N, scale=30.0)
-    for bad in ({"variant": "B"}, {"lam": 1.0}, {"sample_rate": 0.0}, {"r": -1.0}):
-        with pytest.raises(ValueError):
+    for bad in ({"variant": "B"}, {"lam": 1.0}, {"sample_rate": 0.0}, {"r": -1.0}, {"t": 0.0}, {"lw": -2.0}):
+        key = next(iter(bad))
+        with pytest.raises(ConfigError, match=f"head.{key} "):
             SphereFace2(D, N, **bad)
-    with pytest.raises(ValueError, match="2 classes"):
+    with pytest.raises(ConfigError, match="2 classes"):
         SphereFace2(D, 1)
 
 

@@ -282,3 +282,12 @@ def test_short_training_run_with_topofr(tiny_config):
     lines = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in lines if "event" not in r and "topo" in r]
     assert len(steps) == 3 and all(math.isfinite(r["loss"]) and r["topo"] >= 0 for r in steps)
+
+
+def test_sde_with_a_head_that_gives_no_softmax_fails_at_bind():
+    from faceforge.heads import GIF
+
+    gif = GIF(16, codes=torch.randint(0, 4, (10, 2)))  # its token heads are CosFace modules, it is not one
+    with pytest.raises(ConfigError, match="sde=true needs a softmax-family head"):
+        TopoFR().bind(gif)
+    TopoFR(sde=False).bind(gif)

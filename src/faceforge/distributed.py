@@ -1,11 +1,13 @@
-"""Process-group bookkeeping and the collectives with gradient that heads and the trainer share.
+"""The one home of torch.distributed plumbing: rank and world size, the split of rows (classes) over ranks, the
+collectives with gradient that heads and the step share, and the scalar and row collectives of the engine.
 
-With one process (no torch.distributed initialised) every function is the identity, so the same code runs both ways.
+With one process (no torch.distributed initialised, or no group) every function is the identity, so the same code
+runs both ways. Nothing here knows about heads or the engine: both import it, it imports neither.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -25,11 +27,33 @@ def shutdown() -> None:
 
 
 def rank(group: Any = None) -> int:
+    """This process's rank in `group` (the default group when None); 0 alone."""
     return dist.get_rank(group) if is_distributed() else 0
 
 
 def world_size(group: Any = None) -> int:
+    """How many processes `group` spans (the default group when None); 1 alone."""
     return dist.get_world_size(group) if is_distributed() else 1
+
+
+def shard_bounds(num_rows: int, world: int) -> list[int]:
+    """Start of every rank's contiguous block of `num_rows` rows, and the end: blocks differ by at most one row.
+
+    The one split of classes over ranks: the heads' class shards, checkpoint gathering and the memory planner use it.
+    """
+    return [num_rows * r // world for r in range(world + 1)]
+
+
+def shard_range(num_rows: int, world: int, rank: int) -> tuple[int, int]:
+    """(start, count) of rank `rank`'s block."""
+    bounds = shard_bounds(num_rows, world)
+    return bounds[rank], bounds[rank + 1] - bounds[rank]
+
+
+def largest_shard(num_rows: int, world: int) -> int:
+    """Rows of the largest block (what every rank pads to when gathering)."""
+    bounds = shard_bounds(num_rows, world)
+    return max(b - a for a, b in zip(bounds, bounds[1:]))
 
 
 class _AllGather(torch.autograd.Function):
@@ -66,6 +90,80 @@ def all_gather_nograd(x: torch.Tensor, group: Any = None) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce SUM whose backward passes the gradient through unchanged.
+
+    Every rank computes the same (replicated) loss from the summed value, so each rank's inputs must receive
+    exactly their own gradient; torch's differentiable all_reduce would multiply it by the world size.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def sum_over_ranks(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """Elementwise sum of `x` over `group`, differentiable (each rank's `x` gets the gradient of the sum); `x`
+    itself when group is None. Class-sharded heads sum their per-shard parts of a row's loss with it."""
+    return x if group is None else _SumOverRanks.apply(x, group)
+
+
+class _SumGradOverRanks(torch.autograd.Function):
+    """Identity whose backward all-reduces the gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def sum_grad_over_ranks(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """`x` unchanged, its gradient summed over `group` in backward: a parameter replicated on every rank of a
+    class-sharded head (SphereFace2's bias) gets the whole gradient, so its copies stay equal. `x` when None."""
+    return x if group is None else _SumGradOverRanks.apply(x, group)
+
+
+def max_over_ranks(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """Elementwise max of a detached `x` over `group`, in place (no gradient: stability shifts, accuracy)."""
+    if group is not None:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
+    return x
+
+
+def sum_grads(params: Iterable[torch.Tensor], group: Any) -> None:
+    """Sum every parameter's gradient over `group` in place (parameters without one are skipped)."""
+    if group is None:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
+
+
+def gather_rows(t: torch.Tensor, num_rows: int, group: Any) -> torch.Tensor:
+    """The whole [num_rows, ...] tensor from every rank's block of rows (shard_bounds' split); `t` when None."""
+    if group is None:
+        return t
+    world = world_size(group)
+    bounds = shard_bounds(num_rows, world)
+    padded = t.new_zeros((largest_shard(num_rows, world), *t.shape[1:]))
+    padded[: len(t)] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p[: b - a] for p, a, b in zip(parts, bounds, bounds[1:])])
 
 
 def all_reduce_scalars(

@@ -50,7 +50,8 @@ def configure_cuda(device: torch.device, tf32: bool) -> None:
 @contextmanager
 def fp32_only(device: torch.device) -> Iterator[None]:
     """Full fp32 inside: autocast off, and on CUDA no TF32 for matmuls, so logits, losses and metrics keep every
-    bit of fp32 whatever the backbone runs in (a TF32 cosine is off by ~1e-3, at s = 64 a 0.06 logit error)."""
+    bit of fp32 whatever the backbone runs in (a TF32 cosine is off by ~1e-3, at s = 64 a 0.06 logit error).
+    The one spelling of "autocast off": heads, regularizers and the backbones' embedding layers use it."""
     tf32 = torch.backends.cuda.matmul.allow_tf32
     try:
         if device.type == "cuda":
@@ -62,6 +63,11 @@ def fp32_only(device: torch.device) -> Iterator[None]:
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 tensors widened to fp32; fp32/fp64 kept (so float64 gradient checks stay exact)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def to_host(values: list[torch.Tensor | float]) -> list[float]:

@@ -5,26 +5,19 @@ Attribute names match arcface_torch's `iresnet.py`, so its `model.pt` state dict
 
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from faceforge.registry import BACKBONES
+from faceforge.runtime import fp32_only
 
 BN_EPS = 1e-5
 # Blocks per stage of each IResNet; backbones.infer reads the architecture of a state dict back from these counts.
 DEPTHS = {
     "r18": (2, 2, 2, 2), "r34": (3, 4, 6, 3), "r50": (3, 4, 14, 3), "r100": (3, 13, 30, 3), "r200": (6, 26, 60, 6),
 }
-
-
-def full_precision(x: Tensor) -> contextlib.AbstractContextManager[None]:
-    """Context that switches autocast off on x's device, so the embedding layers run in float32 as in arcface_torch."""
-    if torch.amp.is_autocast_available(x.device.type):
-        return torch.autocast(x.device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def frozen_scale_bn1d(num_features: int) -> nn.BatchNorm1d:
@@ -102,7 +95,7 @@ class IResNet(nn.Module):
         x = self.prelu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = self.dropout(torch.flatten(self.bn2(x), 1))
-        with full_precision(x):
+        with fp32_only(x.device):  # the embedding layers in full fp32, as arcface_torch runs them
             return self.features(self.fc(x.float()))
 
 

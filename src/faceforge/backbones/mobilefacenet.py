@@ -10,8 +10,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from faceforge.backbones.iresnet import full_precision
 from faceforge.registry import BACKBONES
+from faceforge.runtime import fp32_only
 
 # name -> (bottleneck counts per level, trunk width scale); backbones.infer reads these back from a state dict.
 LAYOUTS = {"mbf": ((1, 4, 6, 2), 2), "mbf_large": ((2, 8, 12, 4), 4)}
@@ -88,7 +88,7 @@ class GDC(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        with full_precision(x):
+        with fp32_only(x.device):
             return self.layers(x.float())
 
 

@@ -8,8 +8,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from faceforge.backbones.iresnet import BN_EPS, IBasicBlock, frozen_scale_bn1d, full_precision
+from faceforge.backbones.iresnet import BN_EPS, IBasicBlock, frozen_scale_bn1d
 from faceforge.registry import BACKBONES
+from faceforge.runtime import fp32_only
 
 
 class TinyResNet(nn.Module):
@@ -54,7 +55,7 @@ class TinyResNet(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.layers(self.prelu(self.bn1(self.conv1(x))))
         x = self.dropout(torch.flatten(self.bn2(x), 1))
-        with full_precision(x):
+        with fp32_only(x.device):
             return self.features(self.fc(x.float()))
 
 

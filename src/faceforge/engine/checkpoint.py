@@ -14,12 +14,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from faceforge.engine import checkpoint_files as files
-from faceforge.distributed import all_reduce_scalars
-from faceforge.engine.parallel import Parallel, gather_rows, own_rows
+from faceforge.distributed import all_reduce_scalars, gather_rows
+from faceforge.engine.parallel import Parallel
 from faceforge.engine.step import StepParts
 from faceforge.errors import DataError, FaceforgeError
 from faceforge.fileio import load_into, load_weights, split_state
 from faceforge.heads import Head
+from faceforge.heads.base import is_class_rows
 
 
 def _class_keys(head: Head) -> set[str]:
@@ -40,7 +41,7 @@ def model_state(backbone: nn.Module, head: Head, par: Parallel | None = None) ->
     state.update({f"head.{k}": v for k, v in head.state_dict().items()})
     sharded = _class_keys(head) if head.shard.group is not None else set()
     for key in sharded:
-        state[key] = gather_rows(state[key], head.num_classes, par)
+        state[key] = gather_rows(state[key], head.num_classes, par.group)
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
@@ -51,7 +52,7 @@ def optimizer_state(optimizer: torch.optim.Optimizer, backbone: nn.Module, head:
     for name, p in named_parameters(backbone, head).items():
         state = optimizer.state.get(p, {})
         out[name] = {
-            k: (gather_rows(v, head.num_classes, par) if name in sharded and v.shape == p.shape else v).cpu()
+            k: (gather_rows(v, head.num_classes, par.group) if name in sharded and is_class_rows(v, p) else v).cpu()
             for k, v in state.items()
         }
     return out
@@ -59,8 +60,12 @@ def optimizer_state(optimizer: torch.optim.Optimizer, backbone: nn.Module, head:
 
 def shard_head_state(head: Head, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A whole head state dict cut to this head's class shard (a no-op for a whole or replicated head)."""
+    params = dict(head.named_parameters())
     cut = set(head.class_parameters)
-    return {k: own_rows(v, head.shard) if k in cut and v.shape[0] == head.num_classes else v for k, v in state.items()}
+    return {
+        k: head.shard.rows_of(v) if k in cut and is_class_rows(v, params[k], head.num_classes) else v
+        for k, v in state.items()
+    }
 
 
 def load_optimizer_state(
@@ -80,7 +85,7 @@ def load_optimizer_state(
             raise DataError(f"trainer state has no optimizer state for {name}")
         if saved[name] and id(p) in index:
             state[index[id(p)]] = {
-                k: own_rows(v, head.shard) if name in cut and v.ndim and v.shape[0] == head.num_classes else v
+                k: head.shard.rows_of(v) if name in cut and is_class_rows(v, p, head.num_classes) else v
                 for k, v in saved[name].items()
             }
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
@@ -89,7 +94,7 @@ def load_optimizer_state(
 def rng_state(device: torch.device, par: Parallel) -> dict[str, list[torch.Tensor | None]]:
     """Every rank's CPU generator state and, when it trains on CUDA, its device's generator state (rank order).
 
-    No head or regularizer owns a torch.Generator: PartialFC's class sampling (heads/base.py sample_classes), SDE's
+    No head or regularizer owns a torch.Generator: PartialFC's class sampling (heads/centres.py sample_classes), SDE's
     random sign (regularizers/sde.py), PTSA's draws (regularizers/rsp.py), GIF's random codes and dropout all draw
     from the global CPU or device generator, so these states make a resumed run replay every draw. (The flip mask
     has a generator seeded from the step.)

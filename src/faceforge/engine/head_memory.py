@@ -13,6 +13,7 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from faceforge import distributed
 from faceforge.heads import build_head
 
 STATE_COPIES = {"sgd": 1, "adamw": 2}
@@ -71,7 +72,7 @@ def plan_head_memory(
     per_logit: float | None = None,
 ) -> dict:
     """Bytes per rank: centres, their gradient, optimizer state, and the logits of the global batch."""
-    shard = math.ceil(num_classes / world_size)
+    shard = distributed.largest_shard(num_classes, world_size)
     columns = shard if sample_rate >= 1.0 else min(shard, math.ceil(shard * sample_rate) + batch_per_rank * world_size)
     per_logit = logits_bytes_per_element(head) if per_logit is None else per_logit
     centres = shard * embedding_size * 4

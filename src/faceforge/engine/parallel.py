@@ -1,9 +1,11 @@
-"""torchrun support: process-group set-up, the class shard of this rank, summed gradients, world-size-free state.
+"""torchrun support for the engine: process-group set-up, this rank's class shard, DDP with summed gradients.
 
 Training objective with K processes: the head loss over the global batch plus the mean of the per-rank
 regularizer losses. Class-sharded heads see the all-gathered batch and each rank differentiates only its own
 classes' terms; every replicated parameter (backbone, GIF heads, SphereFace2's bias) then needs its gradients
 summed over ranks, never averaged: DDP gets a summing communication hook.
+The collectives themselves (with gradient, of scalars, of class rows) and the split of classes over ranks live in
+faceforge/distributed.py, below the heads.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from faceforge import distributed
 from faceforge.errors import ConfigError
 from faceforge.heads import ClassShard, Head
 
@@ -59,21 +62,14 @@ def init_from_env(timeout_s: float) -> Parallel:
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     device = torch.device("cuda", local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
-    return Parallel(dist.get_rank(), dist.get_world_size(), local_rank, dist.group.WORLD, device)
+    return Parallel(distributed.rank(), distributed.world_size(), local_rank, dist.group.WORLD, device)
 
 
 def class_shard(num_classes: int, par: Parallel) -> ClassShard:
-    """This rank's contiguous block of classes: sizes differ by at most one."""
+    """This rank's contiguous block of classes (distributed.shard_bounds: sizes differ by at most one)."""
     if num_classes < par.world_size:
         raise ConfigError(f"{num_classes} classes cannot be split over {par.world_size} processes")
-    start = num_classes * par.rank // par.world_size
-    end = num_classes * (par.rank + 1) // par.world_size
-    return ClassShard(start, end - start, par.group)
-
-
-def shard_bounds(num_classes: int, world_size: int) -> list[int]:
-    """Start of every rank's block and the end: the split class_shard uses."""
-    return [num_classes * r // world_size for r in range(world_size + 1)]
+    return ClassShard(*distributed.shard_range(num_classes, par.world_size, par.rank), par.group)
 
 
 def _sum_hook(group, bucket):  # unannotated: DDP inspects a hook's annotations and rejects string ones
@@ -122,26 +118,5 @@ def unwrap(backbone: nn.Module) -> nn.Module:
 def sum_replicated_head_grads(head: Head, par: Parallel) -> None:
     """A replicated head (no class shard, e.g. GIF) sums its gradients over ranks. A sharded head needs nothing:
     its centres are its own and its shared parameters get whole gradients in its backward (SphereFace2's bias)."""
-    if not par.active or head.shard.group is not None:
-        return
-    for p in head.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad, group=par.group)
-
-
-def gather_rows(t: torch.Tensor, num_rows: int, par: Parallel) -> torch.Tensor:
-    """The whole [num_rows, ...] tensor from every rank's contiguous block of rows (blocks may differ by one)."""
-    if not par.active:
-        return t
-    bounds = shard_bounds(num_rows, par.world_size)
-    width = max(b - a for a, b in zip(bounds, bounds[1:]))
-    padded = t.new_zeros((width, *t.shape[1:]))
-    padded[: len(t)] = t
-    parts = [torch.empty_like(padded) for _ in range(par.world_size)]
-    dist.all_gather(parts, padded.contiguous(), group=par.group)
-    return torch.cat([p[: b - a] for p, a, b in zip(parts, bounds, bounds[1:])])
-
-
-def own_rows(t: torch.Tensor, shard: ClassShard) -> torch.Tensor:
-    """This shard's block of a whole [num_classes, ...] tensor."""
-    return t[shard.start:shard.start + shard.count].clone()
+    if head.shard.group is None:
+        distributed.sum_grads(head.parameters(), par.group)

@@ -10,15 +10,16 @@ from torch import nn
 
 import faceforge.regularizers  # noqa: F401  (registers the built-in regularizers)
 from faceforge.backbones import build_backbone
+from faceforge.backbones.base import check_backbone
 from faceforge.config import Config
 from faceforge import distributed
 from faceforge.distributed import all_gather_nograd, all_gather_with_grad
 from faceforge.engine.optim import build_optimizer
 from faceforge.engine.parallel import Parallel, class_shard, sum_replicated_head_grads, wrap_backbone
 from faceforge.heads import Head, build_head
-from faceforge.heads.base import at_least_fp32
+from faceforge.heads.base import is_class_rows
 from faceforge.registry import HEADS, REGULARIZERS
-from faceforge.runtime import autocast_dtype, to_host
+from faceforge.runtime import at_least_fp32, autocast_dtype, to_host
 
 
 @dataclass
@@ -51,7 +52,7 @@ def build_parts(cfg: Config, num_classes: int, device: torch.device, par: Parall
     t = cfg.train
     amp_dtype = autocast_dtype(t.precision, device)
     channels_last = t.channels_last == "true" or (t.channels_last == "auto" and device.type == "cuda")
-    backbone = build_backbone(**cfg.backbone).to(device)
+    backbone = check_backbone(build_backbone(**cfg.backbone), cfg.backbone["name"]).to(device)
     if channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     head_params = {k: v for k, v in cfg.head.items() if k not in ("name", "num_classes")}
@@ -126,13 +127,13 @@ def _step_leaving_unsampled_rows(p: StepParts, loss: torch.Tensor, grad_norm: to
         rest = torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
         rest[used] = False
         state = p.optimizer.state.get(w, {})
-        old = {k: v[rest].clone() for k, v in state.items() if torch.is_tensor(v) and v.shape == w.shape}
+        old = {k: v[rest].clone() for k, v in state.items() if is_class_rows(v, w)}
         saved.append((w, rest, w.detach()[rest].clone(), old))
     skipped = _guarded_step(p, loss, grad_norm)
     for w, rest, weights, old in saved:
         w.data[rest] = weights
         for k, v in p.optimizer.state.get(w, {}).items():
-            if torch.is_tensor(v) and v.shape == w.shape:
+            if is_class_rows(v, w):
                 v[rest] = old[k] if k in old else 0.0
     return skipped
 

@@ -1,15 +1,21 @@
-"""Head contract and the reductions over the class dimension, written once for all classes or a class shard."""
+"""The head contract: what a head is given and returns (Head, HeadOutput), the heads that own class centres
+(CentreHead) and the declared softmax-head interface (SoftmaxHead) that wrappers (UNPG) and regularizers (SDE)
+rely on. The machinery over classes lives in centres.py.
+"""
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
-from typing import Any
-
-import math
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from faceforge.errors import ConfigError
+from faceforge.heads.centres import (
+    ClassShard, SoftmaxView, StepCentres, class_logsumexp, pick_target, sample_classes, top1_accuracy,
+)
+from faceforge.runtime import fp32_only
 
 
 @dataclass
@@ -25,160 +31,7 @@ class HeadOutput:
     per_sample_loss: torch.Tensor
     logits_for_metrics: torch.Tensor | None = None
     metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
-    softmax: "SoftmaxView | None" = None
-
-
-@dataclass(frozen=True)
-class ClassShard:
-    """The contiguous range of classes [start, start + count) this process holds; `group` spans all shards."""
-
-    start: int
-    count: int
-    group: Any = None
-
-    @staticmethod
-    def whole(num_classes: int) -> "ClassShard":
-        return ClassShard(0, num_classes, None)
-
-    def local_labels(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Labels shifted into this shard and the mask of rows whose class lives here."""
-        local = labels - self.start
-        owned = (local >= 0) & (local < self.count)
-        return torch.where(owned, local, torch.zeros_like(local)), owned
-
-
-@dataclass(frozen=True)
-class ClassSample:
-    """The centres one step uses under sampling: this shard's rows `index` (sorted), a shard over just those rows,
-    labels mapped into it (rows whose class lives elsewhere map outside), and which rows a label forced in."""
-
-    index: torch.Tensor
-    shard: ClassShard
-    labels: torch.Tensor
-    positive: torch.Tensor
-    others: int
-    kept_others: int
-
-
-def sample_classes(shard: ClassShard, labels: torch.Tensor, rate: float) -> ClassSample | None:
-    """PartialFC sampling: every class that a label in the batch needs plus a random `rate` fraction of the other
-    classes of this shard; None when nothing would be left out (at rate 1 without touching the labels)."""
-    if rate >= 1.0:
-        return None
-    local, owned = shard.local_labels(labels)
-    count = shard.count
-    positive = torch.zeros(count, dtype=torch.bool, device=labels.device).index_fill_(0, local[owned], True)
-    others = count - int(positive.sum())
-    if others == 0:
-        return None
-    keep = math.ceil(rate * others)
-    score = torch.rand(count, device=labels.device).masked_fill_(positive, 2.0)
-    index = score.topk(count - others + keep).indices.sort().values
-    position = torch.full((count,), -1, dtype=torch.long, device=labels.device)
-    position[index] = torch.arange(len(index), device=labels.device)
-    mapped = torch.where(owned, shard.start + position[local], torch.full_like(local, -1))
-    return ClassSample(index, ClassShard(shard.start, len(index), shard.group), mapped, positive[index], others, keep)
-
-
-def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """fp16/bf16 tensors widened to fp32; fp32/fp64 kept (so float64 gradient checks stay exact)."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-class _SumOverShards(torch.autograd.Function):
-    """All-reduce SUM whose backward passes the gradient through unchanged.
-
-    Every rank computes the same (replicated) loss from the summed value, so each shard's inputs must
-    receive exactly their own gradient; torch's differentiable all_reduce would multiply it by the world size.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
-
-
-def sum_over_shards(x: torch.Tensor, shard: "ClassShard") -> torch.Tensor:
-    """Elementwise sum of `x` across the shards of the class dimension (identity with one shard)."""
-    return x if shard.group is None else _SumOverShards.apply(x, shard.group)
-
-
-def class_max(values: torch.Tensor, shard: ClassShard) -> torch.Tensor:
-    """Row-wise max over all classes (no gradient: used for stability and accuracy)."""
-    m = values.detach().amax(dim=1)
-    if shard.group is not None:
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=shard.group)
-    return m
-
-
-def class_sum(values: torch.Tensor, shard: ClassShard) -> torch.Tensor:
-    """Row-wise sum over all classes, differentiable across shards."""
-    return sum_over_shards(values.sum(dim=1), shard)
-
-
-def class_logsumexp(logits: torch.Tensor, shard: ClassShard, extra: torch.Tensor | None = None) -> torch.Tensor:
-    """log Σ_j exp(logits_j) over all classes, plus optional per-row extra log-terms [B, k] outside the classes."""
-    m = class_max(logits, shard)
-    if extra is not None:
-        m = torch.maximum(m, extra.detach().amax(dim=1))
-    total = class_sum(torch.exp(logits - m[:, None]), shard)
-    if extra is not None:
-        total = total + torch.exp(extra - m[:, None]).sum(dim=1)
-    return m + torch.log(total)
-
-
-def pick_target(values: torch.Tensor, labels: torch.Tensor, shard: ClassShard) -> torch.Tensor:
-    """values[i, labels[i]] for every row, wherever the label's class lives."""
-    local, owned = shard.local_labels(labels)
-    return sum_over_shards(values.gather(1, local[:, None]).squeeze(1) * owned, shard)
-
-
-def replace_target(values: torch.Tensor, labels: torch.Tensor, target: torch.Tensor, shard: ClassShard) -> torch.Tensor:
-    """A copy of `values` whose owned target entries are replaced by `target` [B]."""
-    local, owned = shard.local_labels(labels)
-    onehot = torch.zeros_like(values, dtype=torch.bool).scatter_(1, local[:, None], owned[:, None])
-    return torch.where(onehot, target[:, None].to(values.dtype), values)
-
-
-def top1_accuracy(values: torch.Tensor, labels: torch.Tensor, shard: ClassShard) -> torch.Tensor:
-    """Fraction of rows whose target score is the largest over all classes (0-dim, on the device)."""
-    return (pick_target(values.detach(), labels, shard) >= class_max(values, shard)).float().mean()
-
-
-@dataclass
-class SoftmaxView:
-    """A head's softmax over all classes (this shard's logits + cross-shard reductions), read without gradient.
-
-    `extra` [B, k] holds log-terms outside the classes (UNPG's negatives, merged); they count as k more outcomes.
-    """
-
-    logits: torch.Tensor
-    labels: torch.Tensor
-    shard: ClassShard
-    extra: torch.Tensor | None = None
-
-    @torch.no_grad()
-    def log_partition(self) -> torch.Tensor:
-        return class_logsumexp(self.logits, self.shard, self.extra)
-
-    @torch.no_grad()
-    def target_prob(self) -> torch.Tensor:
-        """p(label | x) [B] as a float."""
-        return torch.exp(pick_target(self.logits, self.labels, self.shard) - self.log_partition())
-
-    @torch.no_grad()
-    def entropy(self) -> torch.Tensor:
-        """Shannon entropy [B] of each row's softmax, in nats."""
-        lse = self.log_partition()
-        mean_logit = class_sum(torch.exp(self.logits - lse[:, None]) * self.logits, self.shard)
-        if self.extra is not None:
-            mean_logit = mean_logit + (torch.exp(self.extra - lse[:, None]) * self.extra).sum(dim=1)
-        return lse - mean_logit
+    softmax: SoftmaxView | None = None
 
 
 def softmax_cross_entropy(
@@ -196,13 +49,15 @@ def softmax_cross_entropy(
 
 
 class Head(nn.Module):
-    """Base of all heads: owns class centres `weight` [count, D] for its shard, hears training progress.
+    """Base of all heads: embeddings [B, D] and labels [B] -> HeadOutput; hears training progress.
 
     `class_parameters` names the parameters whose rows are this shard's classes: a head that has some is split
-    across processes; one without any (e.g. GIF) is replicated.
+    across processes; one without any (e.g. GIF) is replicated. `gives_softmax` says that forward's HeadOutput
+    carries a SoftmaxView (what SDE needs); it is declared here so that nothing tests a head's class for it.
     """
 
     class_parameters: tuple[str, ...] = ()
+    gives_softmax: bool = False
 
     def __init__(self, embedding_size: int, num_classes: int, shard: ClassShard | None = None) -> None:
         super().__init__()
@@ -227,7 +82,89 @@ class Head(nn.Module):
         return {}
 
     def check_input(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """ValueError unless embeddings are [B, embedding_size] and labels [B] (a caller's bug, not a config)."""
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_size:
             raise ValueError(f"head expects embeddings [B, {self.embedding_size}], got {list(embeddings.shape)}")
         if labels.shape != embeddings.shape[:1]:
             raise ValueError(f"head expects labels [{embeddings.shape[0]}], got {list(labels.shape)}")
+
+
+class CentreHead(Head):
+    """A head that owns class centres `weight` [shard.count, D], split over processes under torchrun, and with
+    `sample_rate` < 1 trains each step on the batch's classes plus that fraction of the others (PartialFC)."""
+
+    class_parameters = ("weight",)
+
+    def __init__(
+        self, embedding_size: int, num_classes: int, sample_rate: float = 1.0, shard: ClassShard | None = None
+    ) -> None:
+        super().__init__(embedding_size, num_classes, shard)
+        if not 0.0 < sample_rate <= 1.0:
+            raise ConfigError(f"head.sample_rate must be in (0, 1], got {sample_rate}")
+        self.sample_rate = float(sample_rate)
+        self.weight = nn.Parameter(torch.empty(self.shard.count, embedding_size).normal_(0.0, 0.01))
+        self._sampled: torch.Tensor | None = None
+
+    def step_centres(self, labels: torch.Tensor) -> StepCentres:
+        """This step's centres: the whole shard, or in training with sampling the sampled rows (sample_classes);
+        the rows are remembered for sampled_class_rows."""
+        sample = sample_classes(self.shard, labels, self.sample_rate) if self.training else None
+        self._sampled = None if sample is None else sample.index
+        if sample is None:
+            return StepCentres(self.weight, labels, self.shard, None)
+        return StepCentres(self.weight[sample.index], sample.labels, sample.shard, sample)
+
+    def sampled_class_rows(self) -> dict[str, torch.Tensor]:
+        return {} if self._sampled is None else {"weight": self._sampled}
+
+
+class SoftmaxHead(CentreHead, abc.ABC):
+    """The declared softmax-head interface: logits over the class centres and a softmax cross-entropy loss.
+
+    What wrappers and regularizers may rely on: `s`, the scale of the logits over a cosine (1 for unnormalised
+    logits); `scores(embeddings, labels) -> (logits, labels, shard)`, this step's logits with the labels and
+    shard they are relative to (a sampled subset in training); `schedule_metrics()`, host numbers the head's
+    schedule is at (a margin warm-up), logged with every step. A subclass writes `class_logits`.
+    """
+
+    gives_softmax = True
+    s: float = 1.0
+
+    @abc.abstractmethod
+    def class_logits(
+        self, embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, shard: ClassShard
+    ) -> torch.Tensor:
+        """Logits [B, rows of `weight`] of the given centres; `labels` and `shard` locate each row's target."""
+
+    def logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Logits against every centre of this shard."""
+        return self.class_logits(embeddings, self.weight, labels, self.shard)
+
+    def scores(
+        self, embeddings: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, ClassShard]:
+        """This step's logits with the labels and shard they are relative to (a sampled subset in training)."""
+        weight, labels, shard, _ = self.step_centres(labels)
+        return self.class_logits(embeddings, weight, labels, shard), labels, shard
+
+    def schedule_metrics(self) -> dict[str, float]:
+        return {}
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
+        self.check_input(embeddings, labels)
+        with fp32_only(embeddings.device):
+            out = softmax_cross_entropy(*self.scores(embeddings, labels))
+        out.metrics.update(self.schedule_metrics())
+        return out
+
+
+def is_class_rows(value: object, param: torch.Tensor, rows: int | None = None) -> bool:
+    """Whether `value` holds one row per class of the class parameter `param` (the centres themselves, their
+    optimizer state): a tensor shaped as `param` but with `rows` rows (default: param's, i.e. this shard's).
+
+    The one rule the step (which rows to leave untouched) and checkpoints (which tensors to gather and cut to a
+    shard) share; scalars such as AdamW's `step` are not rows.
+    """
+    if not torch.is_tensor(value) or value.ndim != param.ndim or value.ndim == 0:
+        return False
+    return value.shape[0] == (param.shape[0] if rows is None else rows) and value.shape[1:] == param.shape[1:]

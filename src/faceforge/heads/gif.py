@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from faceforge.errors import ConfigError
-from faceforge.heads.base import Head, HeadOutput, at_least_fp32
+from faceforge.heads.base import Head, HeadOutput
 from faceforge.heads.margin import ArcFace, CosFace
-from faceforge.runtime import fp32_only
+from faceforge.runtime import at_least_fp32, fp32_only
 from faceforge.registry import HEADS
 from faceforge.tokenizer.codebook import Codebook, load_codes
 from faceforge.tokenizer.kmeans import build_codes

@@ -6,70 +6,24 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from faceforge.heads.base import (
-    ClassShard,
-    Head,
-    at_least_fp32,
-    HeadOutput,
-    pick_target,
-    sample_classes,
-    replace_target,
-    softmax_cross_entropy,
-)
+from faceforge.errors import ConfigError
+from faceforge.heads.base import SoftmaxHead
+from faceforge.heads.centres import ClassShard, angle, pick_target, replace_target
 from faceforge.registry import HEADS
-from faceforge.runtime import fp32_only
-
-_ACOS_EPS = 1e-7
+from faceforge.runtime import at_least_fp32
 
 
-class Softmax(Head):
+class Softmax(SoftmaxHead):
     """Plain N-way classifier on unnormalised embeddings (logits W·x): the classic baseline.
 
     `sample_rate` < 1 trains each step on the batch's classes plus that fraction of the others (PartialFC).
     """
 
-    class_parameters = ("weight",)
-
-    def __init__(
-        self, embedding_size: int, num_classes: int, sample_rate: float = 1.0, shard: ClassShard | None = None
-    ) -> None:
-        super().__init__(embedding_size, num_classes, shard)
-        if not 0.0 < sample_rate <= 1.0:
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        self.sample_rate = float(sample_rate)
-        self.weight = nn.Parameter(torch.empty(self.shard.count, embedding_size).normal_(0.0, 0.01))
-        self._sampled: torch.Tensor | None = None
-
     def class_logits(
         self, embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, shard: ClassShard
     ) -> torch.Tensor:
-        """Logits [B, rows of `weight`] of the given centres; `labels` and `shard` locate each row's target."""
         return at_least_fp32(embeddings) @ at_least_fp32(weight).t()
-
-    def logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Logits against every centre of this shard."""
-        return self.class_logits(embeddings, self.weight, labels, self.shard)
-
-    def scores(
-        self, embeddings: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, ClassShard]:
-        """This step's logits with the labels and shard they are relative to (a sampled subset in training)."""
-        sample = sample_classes(self.shard, labels, self.sample_rate) if self.training else None
-        self._sampled = None if sample is None else sample.index
-        if sample is None:
-            return self.logits(embeddings, labels), labels, self.shard
-        weight = self.weight[sample.index]
-        return self.class_logits(embeddings, weight, sample.labels, sample.shard), sample.labels, sample.shard
-
-    def sampled_class_rows(self) -> dict[str, torch.Tensor]:
-        return {} if self._sampled is None else {"weight": self._sampled}
-
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
-        self.check_input(embeddings, labels)
-        with fp32_only(embeddings.device):
-            return softmax_cross_entropy(*self.scores(embeddings, labels))
 
 
 class CombinedMargin(Softmax):
@@ -95,9 +49,9 @@ class CombinedMargin(Softmax):
     ) -> None:
         super().__init__(embedding_size, num_classes, sample_rate, shard)
         if s <= 0:
-            raise ValueError(f"scale s must be positive, got {s}")
+            raise ConfigError(f"head.s (the logit scale) must be positive, got {s}")
         if not 0.0 <= margin_warmup <= 1.0:
-            raise ValueError(f"margin_warmup is a fraction of training in [0, 1], got {margin_warmup}")
+            raise ConfigError(f"head.margin_warmup is a fraction of training in [0, 1], got {margin_warmup}")
         self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)
         self.straight_through = straight_through
         self.margin_warmup = margin_warmup
@@ -119,7 +73,7 @@ class CombinedMargin(Softmax):
         if m1 == 1.0 and m2 == 0.0:
             out = cos_target - m3
         else:
-            theta = torch.acos(cos_target.clamp(-1.0 + _ACOS_EPS, 1.0 - _ACOS_EPS))
+            theta = angle(cos_target)
             out = torch.cos(m1 * theta + m2) - m3
         if self.straight_through:
             out = cos_target + (out - cos_target).detach()
@@ -137,11 +91,10 @@ class CombinedMargin(Softmax):
     ) -> torch.Tensor:
         return self.s * self.margined_cosines(self.cosines(embeddings, weight), labels, shard)
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
-        out = super().forward(embeddings, labels)
+    def schedule_metrics(self) -> dict[str, float]:
+        """The margin in effect (m2 + m3 + m1 − 1; it ramps under margin_warmup)."""
         m1, m2, m3 = self.margins()
-        out.metrics.update({"margin": m2 + m3 + (m1 - 1.0)})
-        return out
+        return {"margin": m2 + m3 + (m1 - 1.0)}
 
     def extra_repr(self) -> str:
         return (f"s={self.s}, m1={self.m1}, m2={self.m2}, m3={self.m3}, sample_rate={self.sample_rate}, "
@@ -163,7 +116,7 @@ class ArcFace(CombinedMargin):
         shard: ClassShard | None = None,
     ) -> None:
         if not 0.0 <= m < math.pi:
-            raise ValueError(f"ArcFace margin m must be in [0, pi), got {m}")
+            raise ConfigError(f"head.m (ArcFace's angular margin) must be in [0, pi), got {m}")
         super().__init__(
             embedding_size, num_classes, s, 1.0, m, 0.0, straight_through, margin_warmup, sample_rate, shard
         )

@@ -7,21 +7,20 @@ sum scalars per sample; no partition function is reduced across ranks.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, TypeVar
+from typing import TypeVar
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from faceforge.heads.base import (
-    ClassShard, Head, HeadOutput, at_least_fp32, class_max, class_sum, sample_classes, sum_over_shards,
-)
+from faceforge import distributed
+from faceforge.errors import ConfigError
+from faceforge.heads.base import CentreHead, HeadOutput
+from faceforge.heads.centres import ClassSample, ClassShard, angle, class_sum, target_mask, top1_accuracy
 from faceforge.registry import HEADS
-from faceforge.runtime import fp32_only
+from faceforge.runtime import at_least_fp32, fp32_only
 
 DEFAULT_MARGIN = {"C": 0.4, "A": 0.5, "M": 1.7}
-_ACOS_EPS = 1e-7
 
 Scalar = TypeVar("Scalar", float, torch.Tensor)
 
@@ -34,7 +33,7 @@ def adjust(z: Scalar, t: float) -> Scalar:
 def positive_cosine(cos_y: Scalar, variant: str, m: float) -> Scalar:
     """The positive's margined cosine for A (cos(min(θ + m, π))) and M (cos(min(m·θ, π)))."""
     if isinstance(cos_y, torch.Tensor):
-        theta = torch.acos(cos_y.clamp(-1.0 + _ACOS_EPS, 1.0 - _ACOS_EPS))
+        theta = angle(cos_y)
         return torch.cos((theta + m if variant == "A" else theta * m).clamp(max=math.pi))
     theta = math.acos(cos_y)
     return math.cos(min(theta + m if variant == "A" else theta * m, math.pi))
@@ -53,46 +52,33 @@ def initial_bias(variant: str, num_classes: int, lam: float, r: float, m: float,
     return math.log(2.0 * z) - a_n - math.log(1.0 - z + math.sqrt((1.0 - z) ** 2 + 4.0 * z * math.exp(a_p - a_n)))
 
 
-class _SumGradOverShards(torch.autograd.Function):
-    """Identity whose backward all-reduces the gradient, so every shard's copy of b gets the whole ∂L/∂b."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        grad = grad.clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
-
-
-class Columns(NamedTuple):
-    """The centres one step uses, labels local to them, and which sampled columns carry the weight `factor`."""
-
-    weight: torch.Tensor
-    local: torch.Tensor
-    owned: torch.Tensor
-    sampled: torch.Tensor | None
-    factor: float
-
-
 def softplus(x: torch.Tensor) -> torch.Tensor:
     """log(1 + e^x) without overflow and without torch's linear cut-off at x > 20 (exact in float64)."""
     return torch.logaddexp(x, x.new_zeros(()))
 
 
-class SphereFace2(Head):
+def _check_params(variant: str, num_classes: int, lam: float, r: float, t: float, lw: float) -> None:
+    """ConfigError naming the `head.*` key of the first value SphereFace2 cannot use."""
+    if variant not in DEFAULT_MARGIN:
+        raise ConfigError(f"head.variant must be one of {', '.join(DEFAULT_MARGIN)} for SphereFace2, got {variant!r}")
+    if num_classes < 2:
+        raise ConfigError(f"SphereFace2 needs at least 2 classes (head.num_classes), got {num_classes}")
+    if not 0.0 < lam < 1.0:
+        raise ConfigError(f"head.lam must be in (0, 1), got {lam}")
+    for key, value in (("r", r), ("t", t), ("lw", lw)):
+        if value <= 0:
+            raise ConfigError(f"head.{key} must be positive, got {value}")
+
+
+class SphereFace2(CentreHead):
     """One-vs-all binary classifiers: per sample (λ/r)·softplus(−s_y) + ((1−λ)/r)·Σ_{i≠y} softplus(s_i), times lw.
 
     s_i = r·g(cos θ_i) + b with the variant's margin: C subtracts m from the positive's g and adds it to every
     negative's; A and M margin the positive's angle only. `detach_adjust` makes g and the margin a constant offset
     (∂s/∂cos = r, the official `main` branch); it defaults to False for C and True for A and M.
-    `sample_rate` < 1 samples the negative classes per shard (see `columns`).
+    `sample_rate` < 1 samples the negative classes per shard; a sampled negative then weighs 1 / its inclusion
+    probability, so the loss stays an unbiased estimate of the whole sum.
     """
-
-    class_parameters = ("weight",)
 
     def __init__(
         self,
@@ -108,24 +94,12 @@ class SphereFace2(Head):
         sample_rate: float = 1.0,
         shard: ClassShard | None = None,
     ) -> None:
-        super().__init__(embedding_size, num_classes, shard)
-        if variant not in DEFAULT_MARGIN:
-            raise ValueError(f"SphereFace2 variant must be one of {', '.join(DEFAULT_MARGIN)}, got {variant!r}")
-        if num_classes < 2:
-            raise ValueError(f"SphereFace2 needs at least 2 classes, got {num_classes}")
-        if not 0.0 < lam < 1.0:
-            raise ValueError(f"SphereFace2 lam must be in (0, 1), got {lam}")
-        if r <= 0 or t <= 0 or lw <= 0:
-            raise ValueError(f"SphereFace2 r, t and lw must be positive, got r={r}, t={t}, lw={lw}")
-        if not 0.0 < sample_rate <= 1.0:
-            raise ValueError(f"SphereFace2 sample_rate must be in (0, 1], got {sample_rate}")
+        _check_params(variant, num_classes, lam, r, t, lw)
+        super().__init__(embedding_size, num_classes, sample_rate, shard)
         self.variant = variant
         self.lam, self.r, self.t, self.lw = float(lam), float(r), float(t), float(lw)
         self.m = float(DEFAULT_MARGIN[variant] if m is None else m)
         self.detach_adjust = variant != "C" if detach_adjust is None else bool(detach_adjust)
-        self.sample_rate = float(sample_rate)
-        self.weight = nn.Parameter(torch.empty(self.shard.count, embedding_size).normal_(0.0, 0.01))
-        self._sampled: torch.Tensor | None = None
         self.bias = nn.Parameter(torch.tensor(initial_bias(variant, num_classes, self.lam, self.r, self.m, self.t)))
 
     def no_weight_decay(self) -> list[str]:
@@ -134,21 +108,7 @@ class SphereFace2(Head):
     def shared_bias(self) -> torch.Tensor:
         """b in fp32; with a process group its gradient is summed over the shards, so every copy stays equal."""
         b = at_least_fp32(self.bias)
-        return b if self.shard.group is None else _SumGradOverShards.apply(b, self.shard.group)
-
-    def columns(self, labels: torch.Tensor) -> Columns:
-        """This step's centres: the whole shard, or with sampling (in training) every label's class plus a random
-        `sample_rate` fraction of the others, each weighted by 1 / its inclusion probability."""
-        sample = sample_classes(self.shard, labels, self.sample_rate) if self.training else None
-        self._sampled = None if sample is None else sample.index
-        if sample is None:
-            local, owned = self.shard.local_labels(labels)
-            return Columns(self.weight, local, owned, None, 1.0)
-        local, owned = sample.shard.local_labels(sample.labels)
-        return Columns(self.weight[sample.index], local, owned, ~sample.positive, sample.others / sample.kept_others)
-
-    def sampled_class_rows(self) -> dict[str, torch.Tensor]:
-        return {} if self._sampled is None else {"weight": self._sampled}
+        return distributed.sum_grad_over_ranks(b, self.shard.group)
 
     def logits(self, cos: torch.Tensor, onehot: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """Binary logits s = r·(adjusted cosine) + b, the target column margined as the variant says."""
@@ -161,22 +121,27 @@ class SphereFace2(Head):
             adjusted = cos + (adjusted - cos).detach()
         return self.r * adjusted + self.shared_bias()
 
+    def coefficients(self, positive: torch.Tensor, sample: ClassSample | None) -> torch.Tensor:
+        """Each term's weight from the 0/1 target matrix: λ for the positive, 1 − λ for a negative, times
+        others / kept for a sampled negative."""
+        coef = self.lam * positive + (1.0 - self.lam) * (1.0 - positive)
+        if sample is None:
+            return coef
+        factor = sample.others / sample.kept_others
+        return coef * (1.0 + (factor - 1.0) * (~sample.positive).to(coef.dtype))
+
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
         self.check_input(embeddings, labels)
         with fp32_only(embeddings.device):
-            weight, local, owned, sampled, factor = self.columns(labels)
+            weight, labels, shard, sample = self.step_centres(labels)
             x = F.normalize(at_least_fp32(embeddings), dim=1)
             cos = (x @ F.normalize(at_least_fp32(weight), dim=1).t()).clamp(-1.0, 1.0)
-            onehot = torch.zeros_like(cos, dtype=torch.bool).scatter_(1, local[:, None], owned[:, None])
-            logits = self.logits(cos, onehot, local)
+            onehot = target_mask(cos, labels, shard)
+            logits = self.logits(cos, onehot, shard.local_labels(labels)[0])
             positive = onehot.to(cos.dtype)
-            coef = self.lam * positive + (1.0 - self.lam) * (1.0 - positive)
-            if sampled is not None:
-                coef = coef * (1.0 + (factor - 1.0) * sampled.to(cos.dtype))
-            terms = coef * softplus(logits * (1.0 - 2.0 * positive))
-            per_sample = (self.lw / self.r) * class_sum(terms, self.shard)
-            target = sum_over_shards(cos.detach().gather(1, local[:, None]).squeeze(1) * owned, self.shard)
-            acc = (target >= class_max(cos, self.shard)).float().mean()
+            terms = self.coefficients(positive, sample) * softplus(logits * (1.0 - 2.0 * positive))
+            per_sample = (self.lw / self.r) * class_sum(terms, shard)
+            acc = top1_accuracy(cos, labels, shard)
         return HeadOutput(
             loss=per_sample.mean(),
             per_sample_loss=per_sample,

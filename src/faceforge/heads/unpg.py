@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from faceforge import distributed
 from faceforge.errors import ConfigError
-from faceforge.heads.base import Head, HeadOutput, at_least_fp32, softmax_cross_entropy, sum_over_shards
-from faceforge.heads.margin import Softmax
-from faceforge.runtime import fp32_only
+from faceforge.heads.base import Head, HeadOutput, SoftmaxHead, softmax_cross_entropy
+from faceforge.heads.wrappers import register_wrapper
+from faceforge.runtime import at_least_fp32, fp32_only
 
 
 def negative_pair_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -34,16 +34,21 @@ def tukey_fences(values: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Te
     return q1 - k * iqr, q3 + k * iqr
 
 
+@register_wrapper("unpg")
 class UNPG(Head):
-    """Wraps a softmax-family head (Softmax and its margin subclasses; plain Softmax has no scale: s = 1).
+    """Wraps any SoftmaxHead (softmax, cosface, arcface, combined): its scale `s` also scales the negatives' cosines.
+
+    Configured as a key of the wrapped head's table: `head: {name: arcface, unpg: {k: 1.5}}`.
 
     The head's input is the whole (global) batch: under torchrun the trainer all-gathers it before the head, so
     the negatives span every rank's samples. Each rank differentiates only its share of the pair rows and the
     shares are summed across the class-shard group, so every pair's gradient is counted once.
     """
 
+    gives_softmax = True
+
     def __init__(self, base: Head, k: float = 1.5) -> None:
-        if not isinstance(base, Softmax):
+        if not isinstance(base, SoftmaxHead):
             raise ConfigError(f"head.unpg needs a softmax-family head (softmax/cosface/arcface/combined), got "
                               f"{type(base).__name__}")
         if not k >= 0:
@@ -51,7 +56,7 @@ class UNPG(Head):
         super().__init__(base.embedding_size, base.num_classes, base.shard)
         self.base = base
         self.k = float(k)
-        self.s = float(getattr(base, "s", 1.0))
+        self.s = float(base.s)
 
     def set_progress(self, progress: float, epoch: float = 0.0) -> None:
         super().set_progress(progress, epoch)
@@ -89,7 +94,7 @@ class UNPG(Head):
         mine = torch.zeros_like(kept)
         mine[distributed.rank(group)::distributed.world_size(group)] = True
         partial = (torch.exp(scaled - top) * (kept & mine)).sum()
-        return top + torch.log(sum_over_shards(partial, self.shard))
+        return top + torch.log(distributed.sum_over_ranks(partial, group))
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
         self.check_input(embeddings, labels)
@@ -101,9 +106,7 @@ class UNPG(Head):
             out = softmax_cross_entropy(logits, class_labels, shard, extra)
         out.metrics["unpg_negatives"] = float(found)
         out.metrics["unpg_kept"] = kept.sum() / max(found, 1)
-        if hasattr(self.base, "margins"):
-            m1, m2, m3 = self.base.margins()
-            out.metrics["margin"] = m2 + m3 + (m1 - 1.0)
+        out.metrics.update(self.base.schedule_metrics())
         return out
 
     def extra_repr(self) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from faceforge.heads.base import at_least_fp32
+from faceforge.runtime import at_least_fp32
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision rgb_to_grayscale
 BLUR_KERNEL = (5, 9)  # torchvision GaussianBlur(kernel_size=(5, 9)): 5 taps across the width, 9 down the height

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from faceforge.heads.base import SoftmaxView
+from faceforge.heads.centres import SoftmaxView
 
 
 class MixtureFit(NamedTuple):

@@ -18,13 +18,12 @@ from typing import Any
 import torch
 
 from faceforge.errors import ConfigError
-from faceforge.heads.base import at_least_fp32
-from faceforge.heads.margin import Softmax
+from faceforge.heads.base import Head
 from faceforge.regularizers.base import RegOutput, Regularizer
 from faceforge.regularizers.rsp import random_structure_perturbation
 from faceforge.regularizers.sde import sde_weights
 from faceforge.registry import REGULARIZERS
-from faceforge.runtime import fp32_only
+from faceforge.runtime import at_least_fp32, fp32_only
 from faceforge.topology import persistence0
 
 LOSSES = ("paper", "official")
@@ -112,8 +111,10 @@ class TopoFR(Regularizer):
         return (f"alpha={self.alpha}, xi={self.xi}, loss={self.loss_mode}, latent_scale={self.latent_scale}, "
                 f"sde={self.sde}, sde_lambda={self.sde_lambda}")
 
-    def bind(self, head: torch.nn.Module) -> None:
-        if self.sde and not any(isinstance(m, Softmax) for m in head.modules()):
+    def bind(self, head: Head) -> None:
+        """SDE needs the head's softmax view: a head that declares none (gives_softmax) is a ConfigError now,
+        not at the first step."""
+        if self.sde and not head.gives_softmax:
             raise ConfigError(f"regularizer topofr: sde=true needs a softmax-family head (softmax, cosface, arcface, "
                               f"combined), got {type(head).__name__}; set sde: false to use PTSA alone")
 
