@@ -138,7 +138,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    from faceforge.tokenizer.pipeline import tokenize_dataset
+    from faceforge.engine.tokenize import tokenize_dataset
 
     summary = tokenize_dataset(
         args.data, args.source, args.v, args.out, epochs=args.epochs, seed=args.seed, t=args.t, lr=args.lr,
