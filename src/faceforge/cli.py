@@ -1,5 +1,5 @@
-"""Command line: `faceforge demo | train | eval | export | embed | verify | info | convert | synth | tokenize | pack |
-pack-bin | bench`. User errors print one line."""
+"""Command line: `faceforge demo | train | eval | export | embed | verify | info | convert | synth | tokenize | list |
+pack | pack-bin | bench`. User errors print one line."""
 
 from __future__ import annotations
 
@@ -147,6 +147,20 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         pixel_mean=args.pixel_mean, pixel_std=args.pixel_std, device=args.device, progress=not args.no_progress,
     )
     print(json.dumps(summary))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """The registered names of every component a config table can name, one kind per line."""
+    from faceforge.backbones import list_backbones
+    from faceforge.registry import HEADS
+    from faceforge.regularizers import list_regularizers
+
+    kinds = {"backbones": list_backbones(), "heads": HEADS.names(), "regularizers": list_regularizers()}
+    for kind, names in kinds.items():
+        print(f"{kind}: {' '.join(names)}")
+    if args.json:
+        print(json.dumps(kinds))
     return 0
 
 
@@ -335,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _model_options(p, batch_size=256, progress=True)
     p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("list", help="the backbones, heads and regularizers a config can name")
+    p.add_argument("--json", action="store_true", help="also print them as one JSON line")
+    p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("pack", help="pack an image folder (one sub-folder per identity) into train.rec/.idx/property")
     p.add_argument("image_root")
