@@ -77,3 +77,13 @@ def test_import_faceforge_does_not_import_torch():
     code = "import sys, faceforge, faceforge.cli; faceforge.Config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_no_file_points_outside_the_project():
+    """Users have the repository only: sources, recipes, benchmarks and docs name no file outside it."""
+    outside = "shared" + "/"  # spelled in two parts so that this file does not match itself
+    repo = Path(__file__).resolve().parents[1]
+    files = [repo / "README.md", *(p for d in ("src", "benchmarks", "docs", "tests") for p in (repo / d).rglob("*"))]
+    hits = [str(p.relative_to(repo)) for p in files
+            if p.is_file() and p.suffix in {".py", ".md", ".yaml", ".sh", ".txt"} and outside in p.read_text()]
+    assert not hits, f"files pointing outside the project: {hits}"
