@@ -78,7 +78,7 @@ def _peak_memory_gb(dev: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def bench_train(cfg: Config, warmup: int = 10, steps: int = 40, data: str | None = None) -> dict:
+def bench_train(cfg: Config, warmup: int, steps: int, data: str | None = None) -> dict:
     """Time `steps` optimisation steps after `warmup` ones (device synchronised at both ends); one result row.
 
     Everything the trainer takes comes from `cfg` and goes through the trainer's own `build_parts` and

@@ -12,7 +12,7 @@ _HOMES = {
     "evaluate_ijb": "faceforge.eval.ijb", "score_ijb": "faceforge.eval.ijb", "IJBResult": "faceforge.eval.ijb",
     "read_ijb": "faceforge.eval.ijb_meta",
     "Embedder": "faceforge.eval.embed", "embed_folder": "faceforge.eval.embed", "verify_pair": "faceforge.eval.embed",
-    "evaluate_model": "faceforge.eval.model_eval",
+    "evaluate_model": "faceforge.eval.model_eval", "EvalOptions": "faceforge.eval.options",
 }
 __all__ = sorted(_HOMES)
 __getattr__, __dir__ = lazy_exports(__name__, _HOMES)
