@@ -63,3 +63,11 @@ def test_train_with_a_bad_value_prints_one_line_and_generates_nothing(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip() == "faceforge: error: head.m=4.0: ArcFace margin m must be in [0, pi), got 4.0"
     assert list(tmp_path.iterdir()) == []  # no SynthFace cache, no run folder
+
+
+def test_bench_checks_the_tables_before_building():
+    from faceforge.engine.bench import bench_train
+
+    cfg = load_config(ARCFACE, ["head.m=4.0", "train.device=cpu"])
+    with pytest.raises(ConfigError, match=r"^head\.m=4\.0: ArcFace margin"):
+        bench_train(cfg, warmup=0, steps=1)
