@@ -1,4 +1,4 @@
-"""Compare training objectives at equal budget (shared/benchmark-protocol.md): configs x seeds, one run at a time.
+"""Compare training objectives at equal budget (docs/benchmark-protocol.md): configs x seeds, one run at a time.
 
     python benchmarks/compare.py configs/synthface_arcface.yaml configs/synthface_unpg_arcface.yaml --seeds 0 1 2
 

@@ -27,7 +27,7 @@ from faceforge.eval.identify import CodeTrie, brute_force_identify, gif_decode, 
 from faceforge.eval.verification import embed_images
 from faceforge.models import load_backbone
 from faceforge.runtime import pick_device, timed
-from faceforge.tokenizer.prototypes import mean_embeddings, model_encoder
+from faceforge.engine.prototypes import mean_embeddings, model_encoder
 
 _RENDER_CHUNK = 48
 

@@ -16,7 +16,7 @@ import torch
 
 from faceforge.runtime import pick_device, timed
 from faceforge.tokenizer import build_codes, check_codes, spread
-from faceforge.tokenizer.prototypes import random_prototypes
+from faceforge.engine.prototypes import random_prototypes
 
 
 def _peak_rss_mb() -> float:

@@ -59,3 +59,20 @@ def test_schedules():
     poly = config_from_dict({"schedule": {"name": "poly", "power": 2.0, "min_lr": 0.01}}).schedule
     assert lr_factor(poly, 0.5, 0.1) == pytest.approx(0.1 + 0.9 * 0.25)
     assert lr_factor(poly, 1.0, 0.1) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("train.channels_last=true", "true"), ("train.channels_last=false", "false"), ("train.channels_last=auto", "auto"),
+    ("train.precision=bf16", "bf16"),
+])
+def test_literal_fields_take_their_choices_and_yaml_bools(override, expected):
+    cfg = config_from_dict({}, [override])
+    assert getattr(cfg.train, override.split(".")[1].split("=")[0]) == expected
+
+
+@pytest.mark.parametrize("override", [
+    "train.precision=fp8", "train.channels_last=1", "schedule.name=step", "data.on_corrupt=true", "optim.name=adam",
+])
+def test_literal_fields_refuse_other_values(override):
+    with pytest.raises(ConfigError, match=rf"'{override.split('=')[0]}' must be one of"):
+        config_from_dict({}, [override])

@@ -38,10 +38,6 @@ class _Linear(nn.Module):
         return self.fc(x.flatten(1))
 
 
-if "test_linear" not in BACKBONES:
-    BACKBONES.register("test_linear")(_Linear)
-
-
 def _parts(head: dict, par: Parallel | None = None, dtype: torch.dtype = torch.float32):
     """The step's parts; in float64 for the equality tests, so that K-process and one-process sums agree to
     ~1e-15 whatever order a CPU's kernels add in (fp32 differs by ~1e-6 between orders, by CPU and thread count)."""
@@ -51,7 +47,8 @@ def _parts(head: dict, par: Parallel | None = None, dtype: torch.dtype = torch.f
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are made in `dtype`, before DDP registers them
     try:
-        return build_parts(cfg, N, torch.device("cpu"), par)
+        with BACKBONES.temporary("test_linear", _Linear):  # registered for this build only, in every process
+            return build_parts(cfg, N, torch.device("cpu"), par)
     finally:
         torch.set_default_dtype(default)
 

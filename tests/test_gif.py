@@ -12,7 +12,7 @@ from faceforge.errors import ConfigError
 from faceforge.eval.identify import CodeTrie, brute_force_identify, gif_decode
 from faceforge.heads import GIF, build_head
 from faceforge.tokenizer import Codebook, build_codes, load_codes, save_codes
-from faceforge.tokenizer.pipeline import tokenize_dataset
+from faceforge.engine.tokenize import tokenize_dataset
 
 
 def _digits(n: int, v: int, length: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ from faceforge.errors import DataError
 from faceforge.eval import ijb_scoring
 from faceforge.eval.ijb import evaluate_ijb
 from faceforge.eval.ijb_meta import read_ijb
+from faceforge.eval.options import EvalOptions
 from faceforge.eval.ijb_scoring import pool_templates, score_pairs
 from faceforge.eval.report import plot_det
 from faceforge.models import load_backbone
@@ -88,7 +89,7 @@ def test_synthface_ijb_end_to_end(ijb_root, model_dir):
     assert meta.name == "SynthFace-IJB" and set(meta.galleries) == {"G1", "G2"}
     assert len(meta.pairs) == SUBJECTS * SUBJECTS * PROBES_PER_SUBJECT
     assert meta.labels.sum() == SUBJECTS * PROBES_PER_SUBJECT
-    result = evaluate_ijb(load_backbone(model_dir / "model.safetensors"), ijb_root, batch_size=32, progress=False)
+    result = evaluate_ijb(load_backbone(model_dir / "model.safetensors"), ijb_root, EvalOptions(batch_size=32, progress=False))
     row = result.row
     assert row["mode"] == "N1D1F2" and row["templates"] == SUBJECTS * (1 + PROBES_PER_SUBJECT)
     assert list(row["tar_at_far"]) == [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]

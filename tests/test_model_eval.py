@@ -10,6 +10,7 @@ from faceforge import cli
 from faceforge.backbones import build_backbone
 from faceforge.eval import model_eval
 from faceforge.eval.model_eval import evaluate_model, format_table, mark_unmeasurable
+from faceforge.eval.options import EvalOptions
 
 TINY = {"name": "tiny", "embedding_size": 16, "stem": 8, "widths": [8, 16, 16]}
 
@@ -25,7 +26,8 @@ def test_each_bin_is_embedded_once(tiny_data, tmp_path, monkeypatch):
 
     real = model_eval.embed_views
     monkeypatch.setattr(model_eval, "embed_views", counted)
-    evaluation = evaluate_model(tmp_path / "model.pt", [str(tiny_data / "val.bin")] * 2, device="cpu", progress=False)
+    evaluation = evaluate_model(tmp_path / "model.pt", [str(tiny_data / "val.bin")] * 2,
+                                options=EvalOptions(device="cpu", progress=False))
     assert calls == [40, 40]  # 20 pairs per set, once each (the threshold reuses the first set's embeddings)
     assert evaluation.threshold["set"] == "val" and evaluation.model["architecture"] == "tiny"
 

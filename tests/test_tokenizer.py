@@ -14,9 +14,9 @@ from faceforge.errors import ConfigError, DataError
 from faceforge.tokenizer import (
     Codebook, build_codes, code_length, gaussian_potential, load_codes, neighbour_overlap, save_codes, spread,
 )
-from faceforge.tokenizer.pipeline import tokenize_dataset
+from faceforge.engine.tokenize import tokenize_dataset
 from faceforge.models import load_model
-from faceforge.tokenizer.prototypes import mean_embeddings, model_encoder
+from faceforge.engine.prototypes import mean_embeddings, model_encoder
 
 
 def _assert_valid(codes, n, v):

@@ -1,15 +1,19 @@
-"""Command line: `faceforge demo | train | eval | export | embed | verify | info | convert | synth | tokenize | pack |
-pack-bin | bench`. User errors print one line."""
+"""Command line: `faceforge demo | train | eval | export | embed | verify | info | convert | synth | tokenize | list |
+pack | pack-bin | bench`. User errors print one line."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from faceforge import __version__
+from faceforge.cli_bench import add_bench_parser
+from faceforge.config import SynthFaceConfig
 from faceforge.errors import FaceforgeError
+from faceforge.eval.options import THRESHOLD_FAR, EvalOptions
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -49,11 +53,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from faceforge.eval.model_eval import default_out_dir, evaluate_model, format_table, write_evaluation
 
-    evaluation = evaluate_model(
-        args.weights, args.bins, args.ijb, backbone=args.backbone, batch_size=args.batch_size, device=args.device,
-        flip=not args.no_flip, workers=args.workers, threshold_far=args.threshold_far, progress=not args.no_progress,
-        pixel_mean=args.pixel_mean, pixel_std=args.pixel_std,
-    )
+    options = EvalOptions(batch_size=args.batch_size, device=args.device, flip=not args.no_flip, workers=args.workers,
+                          progress=not args.no_progress)
+    evaluation = evaluate_model(args.weights, args.bins, args.ijb, backbone=args.backbone, options=options,
+                                threshold_far=args.threshold_far, pixel_mean=args.pixel_mean, pixel_std=args.pixel_std)
     print(format_table(evaluation.rows))
     report = write_evaluation(evaluation, args.out or default_out_dir(args.weights))
     print(f"report: {report}")
@@ -125,20 +128,16 @@ def cmd_synth(args: argparse.Namespace) -> int:
         print(json.dumps(generate_ijb(args.out_dir, subjects=args.subjects, probes_per_subject=args.probes_per_subject,
                                       seed=args.seed, nuisance=args.nuisance, workers=args.workers)))
         return 0
-    from faceforge.config import SynthFaceConfig
     from faceforge.engine.datasets import ensure_synthface
 
-    cfg = SynthFaceConfig(
-        identities=args.identities, images_per_id=args.images_per_id, eval_identities=args.eval_identities,
-        eval_images_per_id=args.eval_images_per_id, pairs=args.pairs, seed=args.seed, nuisance=args.nuisance,
-    )
+    cfg = SynthFaceConfig(**{name: getattr(args, name) for name in _synthface_defaults()})
     out = ensure_synthface(cfg, out_dir=Path(args.out_dir), workers=args.workers)
     print(json.dumps(json.loads((out / "synthface.json").read_text())))
     return 0
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    from faceforge.tokenizer.pipeline import tokenize_dataset
+    from faceforge.engine.tokenize import tokenize_dataset
 
     summary = tokenize_dataset(
         args.data, args.source, args.v, args.out, epochs=args.epochs, seed=args.seed, t=args.t, lr=args.lr,
@@ -147,6 +146,21 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         pixel_mean=args.pixel_mean, pixel_std=args.pixel_std, device=args.device, progress=not args.no_progress,
     )
     print(json.dumps(summary))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """The registered names of every component a config table can name, one kind per line."""
+    from faceforge.backbones import list_backbones
+    from faceforge.heads import list_head_wrappers, list_heads
+    from faceforge.regularizers import list_regularizers
+
+    kinds = {"backbones": list_backbones(), "heads": list_heads(), "head wrappers": list_head_wrappers(),
+             "regularizers": list_regularizers()}
+    for kind, names in kinds.items():
+        print(f"{kind}: {' '.join(names)}")
+    if args.json:
+        print(json.dumps(kinds))
     return 0
 
 
@@ -167,46 +181,9 @@ def cmd_pack_bin(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_flops(args: argparse.Namespace) -> int:
-    from faceforge.backbones import build_backbone, count_flops
-
-    model = build_backbone(args.backbone, embedding_size=args.embedding_size)
-    flops = count_flops(model)
-    params = sum(p.numel() for p in model.parameters())
-    print(json.dumps({"backbone": args.backbone, "gflops": round(flops / 1e9, 3), "params_m": round(params / 1e6, 3)}))
-    return 0
-
-
-def cmd_bench_train(args: argparse.Namespace) -> int:
-    from faceforge.config import Config, config_from_dict, load_config
-    from faceforge.engine.bench import bench_train
-
-    keys = {  # flag -> the config key it overrides, on top of --config and the positional overrides
-        "backbone": "backbone.name", "embedding_size": "backbone.embedding_size", "head": "head.name",
-        "num_classes": "head.num_classes", "sample_rate": "head.sample_rate", "batch": "train.batch_size",
-        "dtype": "train.precision", "device": "train.device", "workers": "data.num_workers",
-    }
-    flags = [f"{key}={getattr(args, name)}" for name, key in keys.items() if getattr(args, name) is not None]
-    if args.compile:
-        flags.append("train.compile=true")
-    overrides = [*args.overrides, *flags]
-    # Without a file, the overrides apply to the defaults in full (a bare `head.m=...` keeps head.name).
-    cfg = load_config(args.config, overrides) if args.config else config_from_dict(Config().to_dict(), overrides)
-    print(json.dumps(bench_train(cfg, warmup=args.warmup, steps=args.steps, data=args.data)))
-    return 0
-
-
-def cmd_bench_head(args: argparse.Namespace) -> int:
-    from faceforge.engine.head_memory import logits_bytes_per_element, plan_head_memory
-
-    per_logit = logits_bytes_per_element(args.head)
-    for n in args.num_classes:
-        for k in args.world_size:
-            print(json.dumps(plan_head_memory(
-                n, k, batch_per_rank=args.batch, embedding_size=args.embedding_size, optimizer=args.optimizer,
-                sample_rate=args.sample_rate, head=args.head, per_logit=per_logit,
-            )))
-    return 0
+def _synthface_defaults() -> dict[str, int | float]:
+    """The SynthFace parameters `faceforge synth` takes as flags, with the config's defaults (one source)."""
+    return {k: v for k, v in dataclasses.asdict(SynthFaceConfig()).items() if k != "cache_dir"}
 
 
 _MODEL_HELP = ("a faceforge run folder or checkpoint, a .safetensors / .pt / .pth / .bin state dict (arcface_torch), "
@@ -256,11 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ijb", action="append", default=[], metavar="IJB_ROOT",
                    help="IJB-B/C folder in InsightFace's layout: meta/, loose_crop/ (repeatable)")
     p.add_argument("--out", help="report folder (default: <run folder>/eval, or eval/ beside the model file)")
-    p.add_argument("--threshold-far", type=float, default=1e-4,
+    p.add_argument("--threshold-far", type=float, default=THRESHOLD_FAR,
                    help="FAR of the verify threshold stored beside the weights (chosen on the first IJB set, "
                         "else the first .bin set)")
-    _model_options(p, batch_size=256, progress=True)
-    p.add_argument("--workers", type=int, default=0, help="image decoding / alignment processes for IJB")
+    _model_options(p, batch_size=EvalOptions.batch_size, progress=True)
+    p.add_argument("--workers", type=int, default=EvalOptions.workers, help="image decoding / alignment processes for IJB")
     p.add_argument("--no-flip", action="store_true", help="skip flip-test fusion")
     p.add_argument("--json", action="store_true", help="also print the rows as one JSON line")
     p.set_defaults(func=cmd_eval)
@@ -308,13 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ijb", action="store_true", help="IJB layout: loose crops, 5 points, templates, pairs, galleries")
     p.add_argument("--subjects", type=int, default=200, help="--ijb: subjects (one gallery template each)")
     p.add_argument("--probes-per-subject", type=int, default=2, help="--ijb: probe templates per subject")
-    p.add_argument("--identities", type=int, default=1500)
-    p.add_argument("--images-per-id", type=int, default=12)
-    p.add_argument("--eval-identities", type=int, default=600)
-    p.add_argument("--eval-images-per-id", type=int, default=10)
-    p.add_argument("--pairs", type=int, default=6000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nuisance", type=float, default=0.75)
+    for name, default in _synthface_defaults().items():  # the synthface config table's keys, its defaults
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default, help="default %(default)s")
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=cmd_synth)
 
@@ -336,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p, batch_size=256, progress=True)
     p.set_defaults(func=cmd_tokenize)
 
+    p = sub.add_parser("list", help="the backbones, heads and regularizers a config can name")
+    p.add_argument("--json", action="store_true", help="also print them as one JSON line")
+    p.set_defaults(func=cmd_list)
+
     p = sub.add_parser("pack", help="pack an image folder (one sub-folder per identity) into train.rec/.idx/property")
     p.add_argument("image_root")
     p.add_argument("out_dir")
@@ -351,41 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--landmarks", help="5-point landmarks file to align the images with")
     p.set_defaults(func=cmd_pack_bin)
 
-    p = sub.add_parser("bench", help="measurements (see also benchmarks/)")
-    bench = p.add_subparsers(dest="what", required=True)
-    q = bench.add_parser("flops", help="forward GFLOPs per 112x112 image and parameter count")
-    q.add_argument("--backbone", required=True)
-    q.add_argument("--embedding-size", type=int, default=512)
-    q.set_defaults(func=cmd_bench_flops)
-    q = bench.add_parser("train", help="img/s, ms/step and peak memory of the real training step, from a training "
-                                       "config or flags")
-    q.add_argument("overrides", nargs="*", help="config overrides key=value, all in one run of words (e.g. right "
-                                                "after --config FILE): head.unpg.k=1.5 head.sample_rate=0.1")
-    q.add_argument("--config", help="CONFIG.yaml as `faceforge train` takes it (default: the config defaults)")
-    q.add_argument("--backbone", help="backbone.name (default r50)")
-    q.add_argument("--head", help="head.name (default arcface)")
-    q.add_argument("--num-classes", type=int, help="head.num_classes (default: a GIF head's codes decide, "
-                                                   "else 93431)")
-    q.add_argument("--sample-rate", type=float, help="head.sample_rate (PartialFC fraction of the other classes)")
-    q.add_argument("--batch", type=int, help="train.batch_size (default 128)")
-    q.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], help="train.precision (default auto)")
-    q.add_argument("--compile", action="store_true", help="train.compile=true: torch.compile the backbone")
-    q.add_argument("--device", help="train.device (default auto)")
-    q.add_argument("--embedding-size", type=int, help="backbone.embedding_size (default 512)")
-    q.add_argument("--warmup", type=int, default=10, help="untimed steps first")
-    q.add_argument("--steps", type=int, default=40, help="timed steps")
-    q.add_argument("--data", help="a train.rec folder to read through the real loader (default: synthetic on device)")
-    q.add_argument("--workers", type=int, help="data.num_workers: loader workers with --data (default 4)")
-    q.set_defaults(func=cmd_bench_train)
-    q = bench.add_parser("head", help="per-rank memory of a class-sharded head: centres, grads, optimizer, logits")
-    q.add_argument("--num-classes", type=int, nargs="+", required=True)
-    q.add_argument("--world-size", type=int, nargs="+", default=[1])
-    q.add_argument("--batch", type=int, default=128, help="images per process")
-    q.add_argument("--embedding-size", type=int, default=512)
-    q.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
-    q.add_argument("--sample-rate", type=float, default=1.0)
-    q.add_argument("--head", default="arcface")
-    q.set_defaults(func=cmd_bench_head)
+    add_bench_parser(sub)
     return parser
 
 

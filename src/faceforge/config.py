@@ -9,7 +9,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -25,7 +25,7 @@ class DataConfig:
     in_memory: bool = False  # decode every training image once into RAM (small sets, CPU training)
     num_workers: int = 4
     resize: bool = False  # resize images that are not 112x112 instead of refusing them
-    on_corrupt: str = "raise"  # raise | skip
+    on_corrupt: Literal["raise", "skip"] = "raise"  # skip: drop undecodable records (counted) instead of stopping
     flip: bool = True  # random horizontal flip
 
 
@@ -47,7 +47,7 @@ class SynthFaceConfig:
 class OptimConfig:
     """Optimizer settings (SGD with momentum, or AdamW)."""
 
-    name: str = "sgd"  # sgd | adamw
+    name: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
@@ -61,7 +61,7 @@ class OptimConfig:
 class ScheduleConfig:
     """Learning-rate schedule over training progress in [0, 1] (steps, or wall-clock with a time budget)."""
 
-    name: str = "poly"  # poly | cosine
+    name: Literal["poly", "cosine"] = "poly"
     warmup: float = 0.0  # fraction of training spent in linear warm-up
     power: float = 1.0  # poly exponent
     min_lr: float = 0.0
@@ -77,8 +77,9 @@ class TrainConfig:
     time_budget_s: float = 0.0  # > 0: stop after this many seconds; the schedule follows elapsed time
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (GPU: bf16 where native, else fp16; CPU: fp32) | fp32 | bf16 | fp16
-    channels_last: str = "auto"  # auto (on GPU) | true | false
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: GPU bf16 where native, else fp16; CPU fp32
+    # NHWC activations: auto = on a GPU. YAML true / false are read as "true" / "false".
+    channels_last: Literal["auto", "true", "false"] = "auto"
     compile: bool = False  # torch.compile the backbone (off by default until measured to help on the GPU)
     tf32: bool = True  # CUDA: TF32 for the backbone's fp32 matmuls and convolutions; heads always compute in fp32
     ddp_bucket_mb: float = 25.0  # torchrun: gradient all-reduce bucket size
@@ -112,23 +113,25 @@ class Config:
         return dataclasses.asdict(self)
 
 
-_CHOICES = {
-    "data.on_corrupt": {"raise", "skip"},
-    "optim.name": {"sgd", "adamw"},
-    "schedule.name": {"poly", "cosine"},
-    "train.precision": {"auto", "fp32", "bf16", "fp16"},
-    "train.channels_last": {"auto", "true", "false"},
-}
-
-
 def _suggest(key: str, known: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(key, list(known), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _check_choice(value: Any, choices: tuple, key: str) -> Any:
+    """`value` when it is one of the Literal's `choices`; a YAML bool matches the choice "true" / "false"."""
+    if isinstance(value, bool) and "true" in choices:
+        value = "true" if value else "false"
+    if value in choices and not isinstance(value, bool):
+        return value
+    raise ConfigError(f"config key {key!r} must be one of {sorted(map(str, choices))}, got {value!r}")
+
+
 def _check_type(value: Any, annotation: Any, key: str) -> Any:
     """Return `value` converted to `annotation` where lossless (int -> float), else raise ConfigError naming `key`."""
     origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return _check_choice(value, typing.get_args(annotation), key)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"config key {key!r} must be a list, got {type(value).__name__}")
@@ -183,8 +186,6 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
             kwargs[key] = _build(annotation, value, f"{dotted}.")
         else:
             kwargs[key] = _check_type(value, annotation, dotted)
-        if dotted in _CHOICES and kwargs[key] not in _CHOICES[dotted]:
-            raise ConfigError(f"config key {dotted!r} must be one of {sorted(_CHOICES[dotted])}, got {value!r}")
     return cls(**kwargs)
 
 

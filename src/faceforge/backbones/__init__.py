@@ -10,9 +10,14 @@ from faceforge.backbones import iresnet, mobilefacenet, tiny  # noqa: F401  (imp
 from faceforge.backbones.flops import count_flops
 from faceforge.registry import BACKBONES
 
-__all__ = ["build_backbone", "count_flops"]
+__all__ = ["build_backbone", "count_flops", "list_backbones"]
 
 
 def build_backbone(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered backbone (r18 ... r200, mbf, mbf_large, tiny); unknown names or keywords raise ConfigError."""
     return BACKBONES.build(name, **kwargs)
+
+
+def list_backbones() -> list[str]:
+    """The registered backbone names, sorted (what `backbone.name` accepts)."""
+    return BACKBONES.names()

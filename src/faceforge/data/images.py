@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 import simplejpeg
@@ -11,6 +12,10 @@ from PIL import Image
 from faceforge.errors import DataError
 
 FACE_SIZE = 112  # side of the aligned face crops every backbone takes
+# Mean and std of pixel/255 per RGB channel that every faceforge backbone (and InsightFace's) is trained on:
+# (pixel/255 − 0.5) / 0.5 = pixel / 127.5 − 1 in [-1, 1], which to_unit_range applies.
+FACE_NORM = (0.5, 0.5, 0.5)
+_PIXEL_SCALE = 127.5
 # Formats face datasets use; other Pillow plugins (EPS runs Ghostscript) stay out of reach.
 _FORMATS = ("JPEG", "PNG", "BMP")
 # Face crops are small: refuse absurd sizes before a corrupt header makes us allocate gigabytes.
@@ -29,6 +34,14 @@ def _decode_jpeg_fast(data: bytes) -> np.ndarray | None:
         return simplejpeg.decode_jpeg(data, colorspace="RGB")
     except ValueError:
         return None
+
+
+def to_unit_range(pixels: Any) -> Any:
+    """Pixel values 0..255 (a numpy array or a torch tensor, any layout) as floats in [-1, 1], the scaling every
+    backbone takes (FACE_NORM); the one place the loader, evaluation and export scale pixels."""
+    if isinstance(pixels, np.ndarray):
+        return pixels.astype(np.float32) / np.float32(_PIXEL_SCALE) - np.float32(1.0)
+    return (pixels.float() / _PIXEL_SCALE).sub_(1.0)  # a new tensor: the subtraction can be in place
 
 
 def decode_image(data: bytes, where: str) -> np.ndarray:

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from faceforge.data.images import to_unit_range
 from faceforge.errors import FaceforgeError
 
 
@@ -178,7 +179,7 @@ def to_model_input(
 
     The mirror draws are made on `device` (with `generator`, which must live there), so no mask is copied over.
     """
-    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    x = to_unit_range(images.to(device, non_blocking=True).permute(0, 3, 1, 2))
     if flip:
         mask = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
         x = torch.where(mask[:, None, None, None], x.flip(3), x)

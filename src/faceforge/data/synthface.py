@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from faceforge.config import SynthFaceConfig
 from faceforge.data.binsets import write_bin
 from faceforge.data.images import encode_jpeg
 from faceforge.data.recordio import write_insightface_set
@@ -31,6 +32,7 @@ from faceforge.data.synthface_render import (
 from faceforge.errors import ConfigError, DataError
 
 VERSION = 1
+_DEFAULTS = SynthFaceConfig()  # the set `data.root: synthface` trains on; its defaults are the config's
 TRAIN, HELDOUT, PAIRS = 0, 1, 2
 FOLDS = 10
 _CHUNK_IMAGES = 48
@@ -91,13 +93,13 @@ def make_pairs(seed: int, identities: int, images_per_id: int, pairs: int) -> tu
 
 def generate(
     out_dir: str | os.PathLike,
-    identities: int = 1500,
-    images_per_id: int = 12,
-    eval_identities: int = 600,
-    eval_images_per_id: int = 10,
-    pairs: int = 6000,
-    seed: int = 0,
-    nuisance: float = 0.75,
+    identities: int = _DEFAULTS.identities,
+    images_per_id: int = _DEFAULTS.images_per_id,
+    eval_identities: int = _DEFAULTS.eval_identities,
+    eval_images_per_id: int = _DEFAULTS.eval_images_per_id,
+    pairs: int = _DEFAULTS.pairs,
+    seed: int = _DEFAULTS.seed,
+    nuisance: float = _DEFAULTS.nuisance,
     workers: int = 2,
     progress: bool = True,
 ) -> dict:

@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from faceforge.config import Config
+from faceforge.config import Config, TrainConfig
 from faceforge.data.loader import BatchPlan, TrainLoader, prefetch_to_device, to_model_input
 from faceforge.data.record_dataset import RecordDataset
-from faceforge.config import TrainConfig
 from faceforge.engine.step import StepParts, build_parts, train_step
+from faceforge.engine.validate import check_components
 from faceforge.errors import ConfigError
 from faceforge.runtime import configure_cuda, pick_device, synchronize
 from faceforge.tokenizer.codebook import codes_identities
@@ -78,7 +78,7 @@ def _peak_memory_gb(dev: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def bench_train(cfg: Config, warmup: int = 10, steps: int = 40, data: str | None = None) -> dict:
+def bench_train(cfg: Config, warmup: int, steps: int, data: str | None = None) -> dict:
     """Time `steps` optimisation steps after `warmup` ones (device synchronised at both ends); one result row.
 
     Everything the trainer takes comes from `cfg` and goes through the trainer's own `build_parts` and
@@ -89,6 +89,7 @@ def bench_train(cfg: Config, warmup: int = 10, steps: int = 40, data: str | None
     if warmup < 0 or steps < 1:
         raise ConfigError(f"bench train needs --warmup >= 0 and --steps >= 1, got {warmup} and {steps}")
     dev = pick_device(cfg.train.device)
+    check_components(cfg)
     num_classes, size_from = _head_size(cfg)
     configure_cuda(dev, cfg.train.tf32)
     torch.manual_seed(cfg.train.seed)

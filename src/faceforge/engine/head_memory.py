@@ -64,14 +64,15 @@ def logits_bytes_per_element(head: str = "arcface", batch: int = 512, classes: i
 def plan_head_memory(
     num_classes: int,
     world_size: int,
-    batch_per_rank: int = 128,
-    embedding_size: int = 512,
-    optimizer: str = "sgd",
-    sample_rate: float = 1.0,
-    head: str = "arcface",
+    batch_per_rank: int,
+    embedding_size: int,
+    optimizer: str,
+    sample_rate: float,
+    head: str,
     per_logit: float | None = None,
 ) -> dict:
-    """Bytes per rank: centres, their gradient, optimizer state, and the logits of the global batch."""
+    """Bytes per rank: centres, their gradient, optimizer state, and the logits of the global batch (the defaults
+    live in one place, `faceforge bench head`'s flags)."""
     shard = distributed.largest_shard(num_classes, world_size)
     columns = shard if sample_rate >= 1.0 else min(shard, math.ceil(shard * sample_rate) + batch_per_rank * world_size)
     per_logit = logits_bytes_per_element(head) if per_logit is None else per_logit

@@ -8,7 +8,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import faceforge.regularizers  # noqa: F401  (registers the built-in regularizers)
 from faceforge.backbones import build_backbone
 from faceforge.backbones.base import check_backbone
 from faceforge.config import Config

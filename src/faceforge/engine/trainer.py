@@ -25,6 +25,7 @@ from faceforge.engine.parallel import init_from_env
 from faceforge.engine.step import StepResult, build_parts, train_step
 from faceforge.engine.run_log import RunLog, SilentRunLog
 from faceforge.engine.stop import StopOnSignal, TrainingInterrupted
+from faceforge.engine.validate import check_components
 from faceforge.errors import ConfigError, DataError, FaceforgeError
 
 __all__ = ["RunState", "Trainer", "TrainingAborted", "TrainingInterrupted"]
@@ -61,6 +62,7 @@ class Trainer:
         self.cfg, t = cfg, cfg.train
         self.par = init_from_env(t.dist_timeout_s)
         self.device = pick_device(t.device, self.par.local_rank)
+        check_components(cfg)  # user errors in the component tables, before any data is opened or generated
         torch.manual_seed(t.seed)
         configure_cuda(self.device, t.tf32)
         self.dataset, data_root = open_training_set(cfg)

@@ -17,7 +17,9 @@ from faceforge.errors import DataError
 from faceforge.eval.ijb_meta import IJBMeta, read_ijb
 from faceforge.eval.ijb_scoring import pool_templates, score_pairs, search
 from faceforge.eval.metrics import identification_rates, roc_head, tar_from_roc
+from faceforge.eval.options import EvalOptions
 from faceforge.eval.verification import embed_images
+from faceforge.runtime import pick_device
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 FPIRS = (1e-2, 1e-1)
@@ -50,21 +52,14 @@ def _stack(batch: list[np.ndarray]) -> np.ndarray:
     return np.stack(batch)
 
 
-def embed_crops(
-    model: torch.nn.Module,
-    meta: IJBMeta,
-    batch_size: int = 256,
-    device: str | torch.device = "cpu",
-    flip: bool = True,
-    workers: int = 0,
-    progress: bool = True,
-) -> np.ndarray:
-    """float32 [N, D] features of every image (image + mirror summed with `flip`, norms kept)."""
+def embed_crops(model: torch.nn.Module, meta: IJBMeta, device: torch.device, options: EvalOptions) -> np.ndarray:
+    """float32 [N, D] features of every image (image + mirror summed with `options.flip`, norms kept); `model` is
+    already on `device`."""
     crops = AlignedCrops(meta.image_dir, meta.images, meta.landmarks)
-    loader = DataLoader(crops, batch_size=batch_size, num_workers=workers, collate_fn=_stack)
+    loader = DataLoader(crops, batch_size=options.batch_size, num_workers=options.workers, collate_fn=_stack)
     features, done = None, 0
-    for batch in tqdm(loader, desc=f"{meta.name} embed", unit="batch", disable=not progress):
-        embedded = embed_images(model, batch, batch_size=len(batch), device=device, flip=flip)
+    for batch in tqdm(loader, desc=f"{meta.name} embed", unit="batch", disable=not options.progress):
+        embedded = embed_images(model, batch, batch_size=len(batch), device=device, flip=options.flip)
         if features is None:  # filled in place: IJB-C's 469k x 512 floats are ~1 GB, not to be held twice
             features = np.empty((len(crops), embedded.shape[1]), dtype=np.float32)
         features[done:done + len(embedded)] = embedded
@@ -145,16 +140,9 @@ def _sampled(fpr: np.ndarray, tpr: np.ndarray, impostors: int) -> tuple[np.ndarr
     return grid, tar_from_roc(fpr, tpr, grid)
 
 
-def evaluate_ijb(
-    model: torch.nn.Module,
-    root: str | Path,
-    batch_size: int = 256,
-    device: str | torch.device = "cpu",
-    flip: bool = True,
-    workers: int = 0,
-    progress: bool = True,
-) -> IJBResult:
-    """The whole IJB protocol on `model` for the set at `root` (InsightFace layout)."""
+def evaluate_ijb(model: torch.nn.Module, root: str | Path, options: EvalOptions = EvalOptions()) -> IJBResult:
+    """The whole IJB protocol on `model` (moved to `options.device`) for the set at `root` (InsightFace layout)."""
     meta = read_ijb(root)
-    features = embed_crops(model, meta, batch_size, device, flip, workers, progress)
-    return score_ijb(meta, features, device, flip=flip)
+    device = pick_device(options.device)
+    features = embed_crops(model.to(device), meta, device, options)
+    return score_ijb(meta, features, device, flip=options.flip)

@@ -15,14 +15,12 @@ from tqdm import tqdm
 from faceforge.errors import ConfigError
 from faceforge.eval.ijb import evaluate_ijb
 from faceforge.eval.metrics import MIN_FALSE_ACCEPTS, threshold_at_far, unmeasurable_fars
+from faceforge.eval.options import THRESHOLD_FAR, EvalOptions
 from faceforge.eval.report import NOT_MEASURABLE, eval_sections, image_link, plot_det, plot_roc, write_report
 from faceforge.eval.verification import VerificationSet, embed_views
 from faceforge.fileio import atomic_write, resolve_weights
 from faceforge.models import load_model, run_config, threshold_path
 from faceforge.runtime import pick_device
-
-THRESHOLD_FAR = 1e-4
-
 
 def default_out_dir(weights: str | Path) -> Path:
     """`<run folder>/eval` for weights of a run, else an `eval` folder beside the weights file."""
@@ -47,12 +45,8 @@ def evaluate_model(
     bins: Sequence[str] = (),
     ijb_roots: Sequence[str] = (),
     backbone: str | None = None,
-    batch_size: int = 256,
-    device: str = "auto",
-    flip: bool = True,
-    workers: int = 0,
+    options: EvalOptions = EvalOptions(),
     threshold_far: float = THRESHOLD_FAR,
-    progress: bool = True,
     pixel_mean: Sequence[float] | None = None,
     pixel_std: Sequence[float] | None = None,
 ) -> Evaluation:
@@ -64,19 +58,20 @@ def evaluate_model(
     """
     if not bins and not ijb_roots:
         raise ConfigError("nothing to evaluate: give --bin and/or --ijb")
-    dev = pick_device(device)
+    dev, flip = pick_device(options.device), options.flip
     loaded = load_model(weights, backbone, pixel_mean, pixel_std)
     model = loaded.module.to(dev)
     result = Evaluation(loaded.file, loaded.info())
     sets = [("bin", p) for p in bins] + [("ijb", p) for p in ijb_roots]
     threshold_set = ("ijb", ijb_roots[0]) if ijb_roots else ("bin", bins[0])
-    for kind, path in tqdm(sets, desc="eval sets", unit="set", disable=not progress or len(sets) < 2):
+    for kind, path in tqdm(sets, desc="eval sets", unit="set", disable=not options.progress or len(sets) < 2):
         if kind == "ijb":
-            ijb = evaluate_ijb(model, path, batch_size, dev, flip, workers, progress)
+            ijb = evaluate_ijb(model, path, options)
             row, curve, scores, labels = ijb.row, ijb.curve, ijb.scores, ijb.labels
         else:
             vs = VerificationSet.load(path)
-            metrics, curve, scores = vs.score_views(*embed_views(model, vs.images, batch_size, dev, flip, "auto"))
+            views = embed_views(model, vs.images, options.batch_size, dev, flip, "auto")
+            metrics, curve, scores = vs.score_views(*views)
             row, labels = {"set": vs.name, "pairs": vs.num_pairs, **metrics}, vs.issame
         result.rows.append(mark_unmeasurable(row, labels))
         result.curves[row["set"]] = curve

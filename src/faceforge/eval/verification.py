@@ -11,7 +11,7 @@ from sklearn.metrics import roc_curve
 from sklearn.preprocessing import normalize
 
 from faceforge.data.binsets import load_bin
-from faceforge.data.images import FACE_SIZE, decode_image, resize_face
+from faceforge.data.images import FACE_SIZE, decode_image, resize_face, to_unit_range
 from faceforge.eval.metrics import roc, roc_auc, tar_at_far
 from faceforge.runtime import autocast_dtype
 
@@ -129,8 +129,7 @@ def embed_views(
                 batch = np.asarray(images[start : start + batch_size])
                 if batch.ndim != 4 or batch.shape[-1] != 3 or batch.dtype != np.uint8:
                     raise ValueError(f"images must be uint8 [N, H, W, 3] RGB, got {batch.dtype} {batch.shape}")
-                x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float()
-                x = (x / 255 - 0.5) / 0.5
+                x = to_unit_range(torch.from_numpy(batch).to(device).permute(0, 3, 1, 2))
                 views[0].append(model(x).float().cpu())
                 if flip:
                     views[1].append(model(torch.flip(x, dims=[3])).float().cpu())
@@ -163,7 +162,7 @@ def pixel_embeddings(images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
     pixels = np.asarray(images)
     if pixels.ndim != 4 or pixels.dtype != np.uint8:
         raise ValueError(f"images must be uint8 [N, H, W, C], got {pixels.dtype} {pixels.shape}")
-    return (pixels.reshape(len(pixels), -1).astype(np.float32) / 255 - 0.5) / 0.5
+    return to_unit_range(pixels.reshape(len(pixels), -1))
 
 
 @dataclass

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from faceforge.data.images import FACE_SIZE, to_unit_range
 from faceforge.errors import ConfigError, FaceforgeError
 from faceforge.fileio import atomic_write
 from faceforge.models import load_model, require_onnx, threshold_path
@@ -24,7 +25,7 @@ LOWEST_OPSET = 9
 
 def _export(model: nn.Module, path: str, opset: int) -> None:
     """Write `model` to `path` with torch.onnx at `opset`: dynamo exporter from DYNAMO_OPSETS, TorchScript below."""
-    example = torch.zeros(2, 3, 112, 112)
+    example = torch.zeros(2, 3, FACE_SIZE, FACE_SIZE)
     names = {"input_names": ["data"], "output_names": ["embedding"], "opset_version": opset}
     if opset >= DYNAMO_OPSETS:
         program = torch.onnx.export(model, (example,), None, dynamic_shapes=({0: torch.export.Dim("batch")},),
@@ -86,7 +87,7 @@ def check_parity(model: nn.Module, onnx_path: str | Path, seed: int = 0) -> dict
     model = model.eval().cpu()
     worst, scale = 0.0, 1.0
     for batch in PARITY_BATCHES:
-        x = torch.rand(batch, 3, 112, 112, generator=generator) * 2 - 1
+        x = to_unit_range(torch.randint(0, 256, (batch, 3, FACE_SIZE, FACE_SIZE), generator=generator))
         with torch.no_grad():
             expected = model(x).numpy()
         got = session.run(None, {"data": x.numpy()})[0]

@@ -14,9 +14,10 @@ from torch import nn
 from faceforge.backbones import build_backbone
 from faceforge.backbones.infer import infer_backbone
 from faceforge.config import load_config
+from faceforge.data.images import FACE_NORM
 from faceforge.errors import ConfigError
 from faceforge.fileio import atomic_write, file_format, load_into, load_weights, resolve_weights, split_state
-from faceforge.models.model import FACE_NORM, LoadedModel, describe_norm
+from faceforge.models.model import LoadedModel, describe_norm
 from faceforge.models.onnx import load_onnx, onnx_parameters
 
 TORCH_INPUT = {"shape": ["B", 3, 112, 112], "dtype": "float32", "channels": "RGB",

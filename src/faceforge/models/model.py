@@ -8,7 +8,8 @@ from pathlib import Path
 
 from torch import nn
 
-FACE_NORM = (0.5, 0.5, 0.5)  # (pixel/255 − 0.5) / 0.5 = (pixel − 127.5) / 127.5: faceforge's and InsightFace's input
+from faceforge.data.images import FACE_NORM
+
 
 
 def describe_norm(mean: Sequence[float], std: Sequence[float]) -> str:

@@ -1,5 +1,5 @@
 """TopoFR (Dan et al., NeurIPS 2024): PTSA aligns the 0-dim persistent homology of the clean input batch with
-that of the perturbed batch's embeddings; SDE reweights hard samples. Spec: shared/reference/topofr.md.
+that of the perturbed batch's embeddings; SDE reweights hard samples. Spec: the paper; departures are noted below.
 
 Latent distance scale. The official code divides latent distances by a "learnable" scale that it re-creates as 1
 on every call, so it compares raw embedding distances (≈ √(2D) ≈ 32 for a BN output) with input distances in

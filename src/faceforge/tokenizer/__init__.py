@@ -1,7 +1,8 @@
 """GIF identity codes: uniformity spreading and balanced hierarchical k-means, plus the codes file.
 
-These modules need only torch, so heads can use them; `faceforge.tokenizer.pipeline` (prototypes from data and
-an image encoder, the `faceforge tokenize` entry) sits above data, backbones and evaluation and is not imported here.
+These modules need only torch, so heads can use them. What runs an encoder over a training set to make the
+prototypes (`faceforge.engine.prototypes`, `faceforge.engine.tokenize`: the `faceforge tokenize` command) needs
+data, models and evaluation, so it lives in engine/, above heads.
 """
 
 from faceforge.tokenizer.codebook import Codebook, check_codes, code_keys, load_codes, save_codes

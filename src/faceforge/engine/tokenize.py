@@ -13,7 +13,7 @@ from faceforge.models import load_model
 from faceforge.runtime import pick_device
 from faceforge.tokenizer.codebook import Codebook, save_codes
 from faceforge.tokenizer.kmeans import build_codes
-from faceforge.tokenizer.prototypes import mean_embeddings, model_encoder, random_prototypes
+from faceforge.engine.prototypes import mean_embeddings, model_encoder, random_prototypes
 from faceforge.tokenizer.spreading import neighbour_overlap, sampled_potential, spread
 
 
