@@ -29,8 +29,8 @@ def test_shipped_configs_are_valid(path, tmp_path):
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["head.m=4.0"], "head.m=4.0: ArcFace margin m must be in [0, pi)"),
-    (["head.s=-1"], "head.s=-1: "),
+    (["head.m=4.0"], "head.m (ArcFace's angular margin) must be in [0, pi), got 4.0"),
+    (["head.s=-1"], "head.s (the logit scale) must be positive, got -1"),
     (["head.mm=0.5"], "head 'arcface': got an unexpected keyword argument 'mm'"),
     (["backbone.name=r7"], "unknown backbone 'r7'"),
     (["head.unpg.k=x"], "head.unpg.k must be a number"),
@@ -61,7 +61,7 @@ def test_train_with_a_bad_value_prints_one_line_and_generates_nothing(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 2
-    assert done.stderr.strip() == "faceforge: error: head.m=4.0: ArcFace margin m must be in [0, pi), got 4.0"
+    assert done.stderr.strip() == "faceforge: error: head.m (ArcFace's angular margin) must be in [0, pi), got 4.0"
     assert list(tmp_path.iterdir()) == []  # no SynthFace cache, no run folder
 
 
@@ -69,5 +69,5 @@ def test_bench_checks_the_tables_before_building():
     from faceforge.engine.bench import bench_train
 
     cfg = load_config(ARCFACE, ["head.m=4.0", "train.device=cpu"])
-    with pytest.raises(ConfigError, match=r"^head\.m=4\.0: ArcFace margin"):
+    with pytest.raises(ConfigError, match=r"^head\.m \(ArcFace's angular margin\)"):
         bench_train(cfg, warmup=0, steps=1)
