@@ -71,5 +71,6 @@ def test_list_command_prints_every_kind():
     lines = done.stdout.splitlines()
     assert lines[0].startswith("backbones: ") and "r50" in lines[0].split()
     assert lines[1].startswith("heads: ") and "arcface" in lines[1].split()
-    assert lines[2].startswith("regularizers: ") and "topofr" in lines[2].split()
-    assert set(json.loads(lines[-1])) == {"backbones", "heads", "regularizers"}
+    assert lines[2].startswith("head_wrappers: ") and "unpg" in lines[2].split()
+    assert lines[3].startswith("regularizers: ") and "topofr" in lines[3].split()
+    assert set(json.loads(lines[-1])) == {"backbones", "heads", "head_wrappers", "regularizers"}

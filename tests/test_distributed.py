@@ -308,4 +308,4 @@ def test_one_split_of_classes_over_ranks():
         assert max(counts) - min(counts) <= 1 and distributed.largest_shard(n, k) == max(counts)
         shards = [class_shard(n, Parallel(rank=r, world_size=k)) for r in range(k)]
         assert [(s.start, s.count) for s in shards] == ranges
-        assert plan_head_memory(n, k, per_logit=16.0)["classes_per_rank"] == max(counts)
+        assert plan_head_memory(n, k, 4, 8, "sgd", 1.0, "arcface", per_logit=16.0)["classes_per_rank"] == max(counts)

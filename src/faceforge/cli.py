@@ -155,7 +155,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from faceforge.heads import list_head_wrappers, list_heads
     from faceforge.regularizers import list_regularizers
 
-    kinds = {"backbones": list_backbones(), "heads": list_heads(), "head wrappers": list_head_wrappers(),
+    kinds = {"backbones": list_backbones(), "heads": list_heads(), "head_wrappers": list_head_wrappers(),
              "regularizers": list_regularizers()}
     for kind, names in kinds.items():
         print(f"{kind}: {' '.join(names)}")
