@@ -46,7 +46,7 @@ def test_tar_without_enough_impostors_is_not_measurable(tiny_data, tmp_path, cap
     assert "| n/m | n/m |" in (tmp_path / "eval" / "report.md").read_text()
 
 
-def test_only_readings_with_ten_false_accepts_behind_them_are_kept():
+def test_only_readings_with_twenty_impostors_behind_their_threshold_are_kept():
     labels = np.r_[np.ones(50, bool), np.zeros(20_000, bool)]  # FAR 1e-3 allows 20 false accepts, 1e-4 two
     row = mark_unmeasurable({"set": "s", "tar_at_far": {1e-4: 0.5, 1e-3: 0.7}, "tar_at_far_nearest": {1e-4: 0.4,
                              1e-3: 0.6}}, labels)

@@ -158,7 +158,7 @@ def fast_tar_at_far(
     return dict(zip(keys, tar_from_roc(fpr, tpr, targets, mode).tolist()))
 
 
-MIN_FALSE_ACCEPTS = 10  # a TAR@FAR reading rests on FAR × impostors false accepts; fewer than this is noise
+MIN_FALSE_ACCEPTS = 20  # a TAR@FAR threshold rests on FAR × impostors impostor pairs; fewer than this is noise
 
 
 def unmeasurable_fars(fars: Iterable[float], impostors: int) -> list[float]:
