@@ -54,7 +54,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from faceforge.eval.model_eval import default_out_dir, evaluate_model, format_table, write_evaluation
 
     options = EvalOptions(batch_size=args.batch_size, device=args.device, flip=not args.no_flip, workers=args.workers,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed)
     evaluation = evaluate_model(args.weights, args.bins, args.ijb, backbone=args.backbone, options=options,
                                 threshold_far=args.threshold_far, pixel_mean=args.pixel_mean, pixel_std=args.pixel_std)
     print(format_table(evaluation.rows))
@@ -240,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=EvalOptions.workers, help="image decoding / alignment processes for IJB")
     p.add_argument("--no-flip", action="store_true", help="skip flip-test fusion")
     p.add_argument("--json", action="store_true", help="also print the rows as one JSON line")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                   help="IJB sets: 95%% intervals of every metric from N subject-level bootstrap resamples")
+    p.add_argument("--bootstrap-seed", type=int, default=0,
+                   help="seed of the resamples: equal seeds pair two models' intervals on the same set")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="export torch weights to ONNX (dynamic batch), checked in onnxruntime")

@@ -3,7 +3,7 @@ templates as InsightFace does by default (mode N1D1F2), then 1:1 TAR@FAR and, wi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +14,10 @@ from tqdm import tqdm
 from faceforge.data.align import align_face
 from faceforge.data.images import FACE_SIZE, decode_image
 from faceforge.errors import DataError
+from faceforge.eval.bootstrap import PairSubjects, identification_replicates, resample_counts, verification_replicates
 from faceforge.eval.ijb_meta import IJBMeta, read_ijb
 from faceforge.eval.ijb_scoring import pool_templates, score_pairs, search
-from faceforge.eval.metrics import identification_rates, roc_head, tar_from_roc
+from faceforge.eval.metrics import SearchOutcomes, identification_rates, roc_head, tar_from_roc
 from faceforge.eval.options import EvalOptions
 from faceforge.eval.verification import embed_images
 from faceforge.runtime import pick_device
@@ -69,16 +70,22 @@ def embed_crops(model: torch.nn.Module, meta: IJBMeta, device: torch.device, opt
 
 @dataclass
 class IJBResult:
-    """The report row of one IJB set, its ROC up to FAR ~1e-1 (sampled when large) and the 1:1 scores."""
+    """The report row of one IJB set, its ROC up to FAR ~1e-1 (sampled when large), the 1:1 scores and the
+    1:N search outcomes per gallery (the inputs of the bootstrap)."""
 
     row: dict
     curve: tuple[np.ndarray, np.ndarray]
     scores: np.ndarray
     labels: np.ndarray
+    meta: IJBMeta | None = None
+    outcomes: dict[str, SearchOutcomes] = field(default_factory=dict)
 
 
-def _identification(meta: IJBMeta, ids: np.ndarray, feats: np.ndarray, device: str | torch.device) -> dict:
-    """1:N rates per gallery and their mean (the IJB-C convention averages its two galleries)."""
+def _identification(
+    meta: IJBMeta, ids: np.ndarray, feats: np.ndarray, device: str | torch.device, found: dict[str, SearchOutcomes]
+) -> dict:
+    """1:N rates per gallery and their mean (the IJB-C convention averages its two galleries); each gallery's
+    search outcomes go into `found`."""
     probes = meta.probes
     probe_rows = np.searchsorted(ids, probes.templates)
     per_gallery: dict[str, dict] = {}
@@ -87,6 +94,7 @@ def _identification(meta: IJBMeta, ids: np.ndarray, feats: np.ndarray, device: s
                                           gallery.subjects, device)
         if not (outcomes.mate_rank > 0).any():
             raise DataError(f"{gallery.path}: no probe of {probes.path.name} has a mate in this gallery")
+        found[name] = outcomes
         per_gallery[name] = {"gallery_templates": int(gallery.templates.size),
                              **identification_rates(outcomes, RANKS, FPIRS)}
     rates = list(per_gallery.values())
@@ -127,9 +135,10 @@ def score_ijb(
         "tar_at_far": dict(zip(FARS, tar_from_roc(fpr, tpr, fars).tolist())),
         "tar_at_far_nearest": dict(zip(FARS, tar_from_roc(fpr, tpr, fars, "nearest").tolist())),
     }
+    outcomes: dict[str, SearchOutcomes] = {}
     if meta.galleries:
-        row["identification"] = _identification(meta, ids, feats, device)
-    return IJBResult(row, _sampled(fpr, tpr, int((~meta.labels).sum())), scores, meta.labels)
+        row["identification"] = _identification(meta, ids, feats, device, outcomes)
+    return IJBResult(row, _sampled(fpr, tpr, int((~meta.labels).sum())), scores, meta.labels, meta, outcomes)
 
 
 def _sampled(fpr: np.ndarray, tpr: np.ndarray, impostors: int) -> tuple[np.ndarray, np.ndarray]:
@@ -146,3 +155,42 @@ def evaluate_ijb(model: torch.nn.Module, root: str | Path, options: EvalOptions 
     device = pick_device(options.device)
     features = embed_crops(model.to(device), meta, device, options)
     return score_ijb(meta, features, device, flip=options.flip)
+
+
+def _subject_index(meta: IJBMeta) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sorted template ids, their subjects' columns, sorted subject ids) from the 1:N lists, which name the
+    subjects; the 1:1 pair file does not."""
+    lists = [*meta.galleries.values(), *([meta.probes] if meta.probes else [])]
+    if not lists:
+        raise DataError(f"{meta.root}: --bootstrap needs the 1:N lists (meta/*_1N_*.csv) to know each template's "
+                        "subject")
+    templates = np.concatenate([t.templates for t in lists])
+    subjects = np.concatenate([t.subjects for t in lists])
+    ids, first = np.unique(templates, return_index=True)
+    subject_ids, column = np.unique(subjects[first], return_inverse=True)
+    return ids, column.ravel(), subject_ids
+
+
+def bootstrap_ijb(result: IJBResult, resamples: int, seed: int) -> dict[str, np.ndarray | None]:
+    """[resamples] replicates of every metric of the row (subject-level bootstrap, see eval.bootstrap), keyed
+    "tar@<far>", "<gallery>/rank_k", "<gallery>/tpir@<fpir>" and "mean/..."; None where not measurable."""
+    meta = result.meta
+    ids, column, subject_ids = _subject_index(meta)
+    where = np.searchsorted(ids, meta.pairs).clip(max=ids.size - 1)
+    if (ids[where] != meta.pairs).any():
+        raise DataError(f"{meta.meta_file('template_pair_label.txt')}: --bootstrap needs every 1:1 template in "
+                        "the 1:N lists (to know its subject)")
+    counts = resample_counts(subject_ids.size, resamples, seed)
+    pairs = PairSubjects(subject_ids, column[where[:, 0]], column[where[:, 1]])
+    tars = verification_replicates(result.scores, result.labels, pairs, counts, result.row["tar_at_far"])
+    replicates: dict[str, np.ndarray | None] = {f"tar@{far:g}": v for far, v in tars.items()}
+    per_gallery = []
+    for name, outcomes in result.outcomes.items():
+        probe_column = column[np.searchsorted(ids, meta.probes.templates)]
+        rates = identification_replicates(outcomes, probe_column, counts, RANKS, FPIRS)
+        replicates.update({f"{name}/{key}": v for key, v in rates.items()})
+        per_gallery.append(rates)
+    if per_gallery:
+        shared = set.intersection(*(set(r) for r in per_gallery))
+        replicates.update({f"mean/{key}": np.mean([r[key] for r in per_gallery], axis=0) for key in sorted(shared)})
+    return replicates

@@ -13,7 +13,8 @@ import numpy as np
 from tqdm import tqdm
 
 from faceforge.errors import ConfigError
-from faceforge.eval.ijb import evaluate_ijb
+from faceforge.eval.bootstrap import percentile_interval
+from faceforge.eval.ijb import IJBResult, bootstrap_ijb, evaluate_ijb
 from faceforge.eval.metrics import MIN_FALSE_ACCEPTS, threshold_at_far, unmeasurable_fars
 from faceforge.eval.options import THRESHOLD_FAR, EvalOptions
 from faceforge.eval.report import NOT_MEASURABLE, eval_sections, image_link, plot_det, plot_roc, write_report
@@ -38,6 +39,7 @@ class Evaluation:
     rows: list[dict] = field(default_factory=list)
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     threshold: dict | None = None
+    replicates: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # per set: bootstrap replicates
 
 
 def evaluate_model(
@@ -58,6 +60,8 @@ def evaluate_model(
     """
     if not bins and not ijb_roots:
         raise ConfigError("nothing to evaluate: give --bin and/or --ijb")
+    if options.bootstrap < 0:
+        raise ConfigError(f"--bootstrap takes a number of resamples >= 0, got {options.bootstrap}")
     dev, flip = pick_device(options.device), options.flip
     loaded = load_model(weights, backbone, pixel_mean, pixel_std)
     model = loaded.module.to(dev)
@@ -68,6 +72,8 @@ def evaluate_model(
         if kind == "ijb":
             ijb = evaluate_ijb(model, path, options)
             row, curve, scores, labels = ijb.row, ijb.curve, ijb.scores, ijb.labels
+            if options.bootstrap:
+                result.replicates[row["set"]] = add_intervals(row, ijb, options)
         else:
             vs = VerificationSet.load(path)
             views = embed_views(model, vs.images, options.batch_size, dev, flip, "auto")
@@ -83,6 +89,15 @@ def evaluate_model(
                                 "decision": "same identity when score > threshold",
                                 "weights": result.weights.name}
     return result
+
+
+def add_intervals(row: dict, ijb: IJBResult, options: EvalOptions) -> dict[str, np.ndarray]:
+    """Put the subject-level bootstrap's 95% intervals into `row["ci95"]` (None: not measurable) and return
+    the replicates that have them, for write_evaluation to keep (compare.py pairs two models' replicates)."""
+    replicates = bootstrap_ijb(ijb, options.bootstrap, options.bootstrap_seed)
+    row["ci95"] = {key: None if v is None else percentile_interval(v) for key, v in replicates.items()}
+    row["bootstrap"] = {"resamples": options.bootstrap, "seed": options.bootstrap_seed, "unit": "subject"}
+    return {key: v for key, v in replicates.items() if v is not None}
 
 
 def mark_unmeasurable(row: dict, labels: np.ndarray) -> dict:
@@ -112,10 +127,17 @@ def write_evaluation(evaluation: Evaluation, out_dir: str | Path) -> Path:
                "threshold": evaluation.threshold}
     text = json.dumps(results, indent=2, default=float) + "\n"
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    for name, replicates in evaluation.replicates.items():
+        atomic_write(out / f"bootstrap_{name}.npz", lambda tmp, r=replicates: _save_npz(tmp, r))
     if evaluation.threshold is not None:
         text = json.dumps(evaluation.threshold, indent=2) + "\n"
         atomic_write(threshold_path(evaluation.weights), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return out / "report.md"
+
+
+def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would add ".npz" to a path
+        np.savez(f, **arrays)
 
 
 def _tar(value: float | None, width: int = 0) -> str:

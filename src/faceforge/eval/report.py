@@ -139,8 +139,11 @@ def _pct(value: float | None) -> str:
     return NOT_MEASURABLE if value is None else f"{100 * value:.2f}"
 
 
-def _rate(value: float | None) -> str:
-    return NOT_MEASURABLE if value is None else f"{value:.4f}"
+def _rate(value: float | None, ci95: list[float] | None = None) -> str:
+    """A rate to 4 places, followed by its bootstrap interval as `[lo, hi]` when there is one."""
+    if value is None:
+        return NOT_MEASURABLE
+    return f"{value:.4f}" + ("" if ci95 is None else f" [{ci95[0]:.4f}, {ci95[1]:.4f}]")
 
 
 def paper_row(rows: list[dict], model: str) -> dict:
@@ -160,6 +163,28 @@ def paper_row(rows: list[dict], model: str) -> dict:
     return table
 
 
+def _ijb_sections(r: dict) -> dict[str, list[dict]]:
+    """An IJB row's 1:1 and 1:N tables; each cell with its 95% bootstrap interval when `--bootstrap` ran."""
+    ci = r.get("ci95", {})
+    title = f"{r['set']} 1:1 ({r['mode']}; {r['images']} images, {r['templates']} templates, {r['pairs']} pairs)"
+    if "bootstrap" in r:
+        title += f", 95% subject-bootstrap intervals ({r['bootstrap']['resamples']} resamples)"
+    sections = {title: [{"FAR": f"{far:.0e}", "TAR (interpolated)": _rate(v, ci.get(f"tar@{far:g}")),
+                         "TAR (nearest ROC point, InsightFace)": _rate(r["tar_at_far_nearest"][far])}
+                        for far, v in r["tar_at_far"].items()]}
+    if "identification" in r:
+        title = f"{r['set']} 1:N (open set; a non-mated probe's false alarm is its top score over the threshold)"
+        sections[title] = [
+            {"gallery": name, "templates": g.get("gallery_templates", ""),
+             "mated probes": g.get("mated_probes", ""), "non-mated probes": g.get("nonmated_probes", ""),
+             **{f"rank-{k.split('_')[1]}": _rate(v, ci.get(f"{name}/{k}")) for k, v in g.items()
+                if k.startswith("rank_")},
+             **{f"TPIR@FPIR={f:.0e}": _rate(v, ci.get(f"{name}/tpir@{f:g}"))
+                for f, v in g.get("tpir_at_fpir", {}).items()}}
+            for name, g in r["identification"].items()]
+    return sections
+
+
 def eval_sections(rows: list[dict], threshold: dict | None, model: str) -> dict[str, str | list[dict]]:
     """The sections of `faceforge eval`'s report.md: summary table, then one detailed table per protocol."""
     sections: dict[str, str | list[dict]] = {"Summary (%, as in the papers)": [paper_row(rows, model)]}
@@ -170,18 +195,7 @@ def eval_sections(rows: list[dict], threshold: dict | None, model: str) -> dict[
              **{f"TAR@{far:.0e}": _rate(v) for far, v in r["tar_at_far"].items()},
              "AUC": f"{r['auc']:.4f}", "XNorm": f"{r['xnorm']:.2f}"} for r in bins]
     for r in (r for r in rows if "tar_at_far_nearest" in r):
-        title = f"{r['set']} 1:1 ({r['mode']}; {r['images']} images, {r['templates']} templates, {r['pairs']} pairs)"
-        sections[title] = [{"FAR": f"{far:.0e}", "TAR (interpolated)": _rate(v),
-                            "TAR (nearest ROC point, InsightFace)": _rate(r["tar_at_far_nearest"][far])}
-                           for far, v in r["tar_at_far"].items()]
-        if "identification" in r:
-            title = f"{r['set']} 1:N (open set; a non-mated probe's false alarm is its top score over the threshold)"
-            sections[title] = [
-                {"gallery": name, "templates": g.get("gallery_templates", ""),
-                 "mated probes": g.get("mated_probes", ""), "non-mated probes": g.get("nonmated_probes", ""),
-                 **{f"rank-{k.split('_')[1]}": f"{v:.4f}" for k, v in g.items() if k.startswith("rank_")},
-                 **{f"TPIR@FPIR={f:.0e}": f"{v:.4f}" for f, v in g.get("tpir_at_fpir", {}).items()}}
-                for name, g in r["identification"].items()]
+        sections.update(_ijb_sections(r))
     if threshold is not None:
         sections["Operating threshold (stored beside the weights for `faceforge verify`)"] = (
             f"cosine > **{threshold['threshold']:.4f}** accepts; chosen at FAR {threshold['target_far']:g} on "
@@ -192,6 +206,6 @@ def eval_sections(rows: list[dict], threshold: dict | None, model: str) -> dict[
         )
     if any(r.get("not_measurable_fars") for r in rows):
         sections["Not measurable"] = (
-            f"{NOT_MEASURABLE}: a TAR@FAR with fewer than {MIN_FALSE_ACCEPTS}/FAR impostor pairs behind it (fewer "
-            f"than {MIN_FALSE_ACCEPTS} false accepts at that FAR) is not reported.")
+            f"{NOT_MEASURABLE}: a TAR@FAR with fewer than {MIN_FALSE_ACCEPTS}/FAR impostor pairs behind it (its "
+            f"threshold would rest on fewer than {MIN_FALSE_ACCEPTS} impostor pairs) is not reported.")
     return sections
