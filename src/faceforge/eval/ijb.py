@@ -185,8 +185,8 @@ def bootstrap_ijb(result: IJBResult, resamples: int, seed: int) -> dict[str, np.
     tars = verification_replicates(result.scores, result.labels, pairs, counts, result.row["tar_at_far"])
     replicates: dict[str, np.ndarray | None] = {f"tar@{far:g}": v for far, v in tars.items()}
     per_gallery = []
+    probe_column = column[np.searchsorted(ids, meta.probes.templates)] if meta.probes else None
     for name, outcomes in result.outcomes.items():
-        probe_column = column[np.searchsorted(ids, meta.probes.templates)]
         rates = identification_replicates(outcomes, probe_column, counts, RANKS, FPIRS)
         replicates.update({f"{name}/{key}": v for key, v in rates.items()})
         per_gallery.append(rates)
