@@ -118,8 +118,9 @@ def ijb_table(rows: list[dict]) -> str:
                 delta = statistics.mean(values) - statistics.mean(base)
                 interval = difference_interval([run["replicates"][key] for run in runs[name]],
                                                [run["replicates"][key] for run in runs[names[0]]])
+                alone = " (one seed: no spread)" if min(len(values), len(base)) < 2 else ""
                 cells += [f"{delta:+.4f}", f"[{interval[0]:+.4f}, {interval[1]:+.4f}]",
-                          verdict(delta, interval, [_spread(values), _spread(base)])]
+                          verdict(delta, interval, [_spread(values), _spread(base)]) + alone]
             else:
                 cells += ["", "", ""]
             lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")

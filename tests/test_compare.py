@@ -48,6 +48,7 @@ def test_not_measurable_metric_is_marked():
     rows = [fake_run("base", 0, 0.5, 0.0, noise), fake_run("other", 0, 0.6, 0.0, noise, missing="tar@1e-05")]
     lines = compare.ijb_table(rows).splitlines()
     assert lines[2 + len(compare.IJB_METRICS)] == "| other | TAR@1e-5 | n/m | | | | |"
+    assert lines[3 + len(compare.IJB_METRICS)].endswith("| measurable (one seed: no spread) |")
 
 
 def test_metrics_are_read_from_a_results_row():
