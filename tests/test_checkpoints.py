@@ -253,7 +253,10 @@ def test_fused_adamw_resumes_on_cuda(tiny_config):
 
 
 def test_sigint_ends_the_step_writes_a_checkpoint_and_restores_the_handlers(tiny_config, monkeypatch):
+    """The handlers in force before the run come back after it: Python's default, or SIG_IGN where the test
+    process was started with SIGINT ignored (nohup, a background job)."""
     trainer = Trainer(tiny_config(train={"run_name": "sigint", "max_steps": 10}))
+    before = signal.getsignal(signal.SIGINT)
     real = Trainer.train_step
 
     def train_step(self, images, labels):
@@ -265,7 +268,7 @@ def test_sigint_ends_the_step_writes_a_checkpoint_and_restores_the_handlers(tiny
     with pytest.raises(TrainingInterrupted, match=r"stopped by SIGINT after step 3, checkpoint written; resume with: "
                                                   r"faceforge train --resume .*sigint$"):
         trainer.fit()
-    assert _index(trainer.log.dir)["step"] == 3 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert _index(trainer.log.dir)["step"] == 3 and signal.getsignal(signal.SIGINT) is before
 
 
 def _cli(*args: str) -> list[str]:
