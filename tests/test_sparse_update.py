@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
 
 from faceforge.config import config_from_dict
 from faceforge.distributed import shutdown
@@ -18,6 +17,7 @@ from faceforge.engine.parallel import Parallel
 from faceforge.engine.step import StepParts, build_parts, train_step
 from faceforge.heads.base import is_class_rows
 from faceforge.registry import BACKBONES
+from test_distributed import _Linear  # a backbone without batch norm: a local batch's rows equal the global one's
 
 N, B = 40, 6
 OPTIMS = {
@@ -32,18 +32,6 @@ HEADS = {
     "arcface+unpg": {"name": "arcface", "s": 16.0, "m": 0.3, "sample_rate": 0.25, "unpg": {"k": 1.5}},
 }
 LRS = [0.1, 0.05, 0.02, 0.2]  # a schedule's values, set in the param groups before each step
-
-
-class _Linear(nn.Module):
-    """A backbone without batch norm, so that a local batch's forward equals its rows of the global one."""
-
-    def __init__(self, embedding_size: int = 8) -> None:
-        super().__init__()
-        self.embedding_size = embedding_size
-        self.fc = nn.Linear(3 * 4 * 4, embedding_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x.flatten(1))
 
 
 def _parts(head: dict, optim: dict, par: Parallel | None = None, fused: bool = False) -> StepParts:
@@ -62,7 +50,7 @@ def _parts(head: dict, optim: dict, par: Parallel | None = None, fused: bool = F
 
 def _batch(step: int, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
-    return (torch.randn(world * B, 3, 4, 4, generator=g, dtype=torch.float64),
+    return (torch.randn(world * B, 3, 8, 8, generator=g, dtype=torch.float64),
             torch.randint(0, N, (world * B,), generator=g))
 
 
