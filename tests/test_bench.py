@@ -62,3 +62,19 @@ def test_bad_key_is_one_line_before_any_work(tiny_config, tmp_path, capsys, monk
         assert main([*QUICK, "--config", path, bad]) == 2, bad
         out = capsys.readouterr()
         assert out.out == "" and len(out.err.strip().splitlines()) == 1 and message in out.err, out.err
+
+
+def test_bench_head_step_times_the_trainers_sampled_update(capsys, monkeypatch):
+    """One JSON row, and every step (warm-up included) went through the trainer's sampled-row update."""
+    from faceforge.engine import step
+
+    calls = []
+    real = step.update_sampled_rows
+    monkeypatch.setattr(step, "update_sampled_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    args = ["bench", "head-step", "--head", "arcface", "--num-classes", "50", "--sample-rate", "0.2", "--batch", "4",
+            "--embedding-size", "8", "--steps", "2", "--warmup", "1", "--optimizer", "adamw"]
+    assert main(args) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["bench"] == "head-step" and row["num_classes"] == 50 and row["sample_rate"] == 0.2
+    assert row["ms_per_step"] > 0 and row["peak_memory_gb"] > 0 and row["peak_memory_kind"] == "process max RSS"
+    assert len(calls) == 3

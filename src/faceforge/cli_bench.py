@@ -1,4 +1,4 @@
-"""`faceforge bench flops | train | head`: measurements from the command line. The train flags stand for config keys
+"""`faceforge bench flops | train | head | head-step`: measurements from the command line. The train flags stand for config keys
 and show the config's own defaults; warm-up and timed step counts and the head-memory plan's defaults are the
 flags' (bench_train and plan_head_memory take every value explicitly)."""
 
@@ -53,13 +53,23 @@ def cmd_bench_head(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_head_step(args: argparse.Namespace) -> int:
+    from faceforge.engine.bench import bench_head_step
+
+    print(json.dumps(bench_head_step(
+        args.head, args.num_classes, args.sample_rate, args.batch, args.embedding_size, args.steps, args.device,
+        args.optimizer, args.warmup,
+    )))
+    return 0
+
+
 def _choices(table: type, key: str) -> list[str]:
     """The choices a config field's Literal type declares."""
     return list(typing.get_args(typing.get_type_hints(table)[key]))
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    """The `bench` command and its three sub-commands."""
+    """The `bench` command and its four sub-commands."""
     d = Config()
     p = sub.add_parser("bench", help="measurements (see also benchmarks/)")
     bench = p.add_subparsers(dest="what", required=True)
@@ -96,3 +106,15 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--sample-rate", type=float, default=1.0)
     q.add_argument("--head", default=d.head["name"])
     q.set_defaults(func=cmd_bench_head)
+    q = bench.add_parser("head-step", help="ms per step and peak memory of the trainer's head path: forward, "
+                                           "backward and the update, on a stand-in backbone")
+    q.add_argument("--head", default=d.head["name"])
+    q.add_argument("--num-classes", type=int, required=True)
+    q.add_argument("--sample-rate", type=float, default=1.0)
+    q.add_argument("--batch", type=int, default=128)
+    q.add_argument("--embedding-size", type=int, default=512)
+    q.add_argument("--optimizer", choices=_choices(OptimConfig, "name"), default=d.optim.name)
+    q.add_argument("--steps", type=int, default=10, help="timed steps")
+    q.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    q.add_argument("--device", default="cpu")
+    q.set_defaults(func=cmd_bench_head_step)

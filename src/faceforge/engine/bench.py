@@ -1,4 +1,5 @@
-"""`faceforge bench train`: images/s of the real training step, on device-resident synthetic batches or a .rec."""
+"""`faceforge bench train`: images/s of the real training step, on device-resident synthetic batches or a .rec;
+`faceforge bench head-step`: ms per step and peak memory of the trainer's head path alone."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from faceforge.config import Config, TrainConfig
+from faceforge.config import Config, TrainConfig, config_from_dict
 from faceforge.data.loader import BatchPlan, TrainLoader, prefetch_to_device, to_model_input
 from faceforge.data.record_dataset import RecordDataset
 from faceforge.engine.step import StepParts, build_parts, train_step
 from faceforge.engine.validate import check_components
 from faceforge.errors import ConfigError
+from faceforge.registry import BACKBONES
 from faceforge.runtime import configure_cuda, pick_device, synchronize
 from faceforge.tokenizer.codebook import codes_identities
 
@@ -143,3 +145,53 @@ def _timed_steps(parts: StepParts, batches: Iterator[tuple], warmup: int, steps:
             result.read()
     synchronize(parts.device)
     return time.perf_counter() - start
+
+
+class _BatchEmbeddings(nn.Module):
+    """A stand-in backbone for bench head-step: a learnable [batch, D] block returned whatever the images, so that
+    the trainer's own train_step times the head path (forward, backward, clip, the update) and no real backbone."""
+
+    def __init__(self, embedding_size: int, batch: int) -> None:
+        super().__init__()
+        self.embedding_size = embedding_size
+        self.embeddings = nn.Parameter(torch.randn(batch, embedding_size))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embeddings
+
+
+def _random_labels(batch: int, num_classes: int, device: torch.device) -> Iterator[tuple]:
+    """Four batches of placeholder images and random labels, rotated (the labels decide PartialFC's sample)."""
+    g = torch.Generator().manual_seed(0)
+    pool = [(torch.zeros(batch, 1, device=device), torch.randint(0, num_classes, (batch,), generator=g).to(device))
+            for _ in range(4)]
+    while True:
+        yield from pool
+
+
+def bench_head_step(head: str, num_classes: int, sample_rate: float, batch: int, embedding_size: int,
+                    steps: int, device: str, optimizer: str, warmup: int) -> dict:
+    """Time `steps` train_steps (after `warmup`) whose backbone is _BatchEmbeddings: the trainer's build_parts and
+    train_step, so the head's forward and backward and the sampled-row update are the trainer's own; one row."""
+    if warmup < 0 or steps < 1:
+        raise ConfigError(f"bench head-step needs --warmup >= 0 and --steps >= 1, got {warmup} and {steps}")
+    with BACKBONES.temporary("bench_embeddings", _BatchEmbeddings):
+        cfg = config_from_dict({
+            "backbone": {"name": "bench_embeddings", "embedding_size": embedding_size, "batch": batch},
+            "head": {"name": head, "sample_rate": sample_rate}, "optim": {"name": optimizer},
+            "train": {"device": device, "batch_size": batch},
+        })
+        dev = pick_device(cfg.train.device)
+        torch.manual_seed(cfg.train.seed)
+        parts = build_parts(cfg, num_classes, dev)
+    seconds = _timed_steps(parts, _random_labels(batch, num_classes, dev), warmup, steps)
+    return {
+        "bench": "head-step", "head": head, "num_classes": num_classes, "sample_rate": sample_rate,
+        "batch": batch, "embedding_size": embedding_size, "optimizer": optimizer, "steps": steps,
+        "ms_per_step": round(1000 * seconds / steps, 2),
+        "peak_memory_gb": round(_peak_memory_gb(dev), 3),
+        "peak_memory_kind": "cuda max_memory_allocated" if dev.type == "cuda" else "process max RSS",
+        "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+    }

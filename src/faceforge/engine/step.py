@@ -15,8 +15,8 @@ from faceforge import distributed
 from faceforge.distributed import all_gather_nograd, all_gather_with_grad
 from faceforge.engine.optim import build_optimizer
 from faceforge.engine.parallel import Parallel, class_shard, sum_replicated_head_grads, wrap_backbone
+from faceforge.engine.sampled_rows import update_sampled_rows
 from faceforge.heads import Head, build_head
-from faceforge.heads.base import is_class_rows
 from faceforge.registry import HEADS, REGULARIZERS
 from faceforge.runtime import at_least_fp32, autocast_dtype, to_host
 
@@ -116,24 +116,15 @@ def _guarded_step(p: StepParts, loss: torch.Tensor, grad_norm: torch.Tensor | No
     return bad
 
 
-def _step_leaving_unsampled_rows(p: StepParts, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
-    """The guarded step; then class rows a sampling head did not use get back their weights and optimizer state."""
-    rows = p.head.sampled_class_rows()
-    params = dict(p.head.named_parameters())
-    saved = []
-    for name, used in rows.items():
-        w = params[name]
-        rest = torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
-        rest[used] = False
-        state = p.optimizer.state.get(w, {})
-        old = {k: v[rest].clone() for k, v in state.items() if is_class_rows(v, w)}
-        saved.append((w, rest, w.detach()[rest].clone(), old))
+def _step_with_sampled_rows(p: StepParts, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
+    """The guarded step of every parameter with a gradient; then, skipped with it, the update of the class rows a
+    sampling head used (its class parameters got no gradient, so the optimizer left them alone)."""
+    blocks = p.head.sampled_blocks()
     skipped = _guarded_step(p, loss, grad_norm)
-    for w, rest, weights, old in saved:
-        w.data[rest] = weights
-        for k, v in p.optimizer.state.get(w, {}).items():
-            if is_class_rows(v, w):
-                v[rest] = old[k] if k in old else 0.0
+    if blocks:
+        # fp16: the scaler's unscale_ saw only the optimizer's parameters; the rows' gradient is still scaled.
+        inv_scale = p.scaler._scale.double().reciprocal().float() if p.scaler.is_enabled() else None
+        update_sampled_rows(p.optimizer, dict(p.head.named_parameters()), blocks, skipped, inv_scale)
     return skipped
 
 
@@ -204,7 +195,7 @@ def train_step(p: StepParts, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         p.scaler.unscale_(p.optimizer)
     if p.grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(p.backbone.parameters(), p.grad_clip)
-    skipped = _step_leaving_unsampled_rows(p, loss, grad_norm)
+    skipped = _step_with_sampled_rows(p, loss, grad_norm)
     p.scaler.update()
     return StepResult(loss.detach().float(), skipped, metrics)
 

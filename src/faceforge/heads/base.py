@@ -13,7 +13,7 @@ from torch import nn
 
 from faceforge.errors import ConfigError
 from faceforge.heads.centres import (
-    ClassShard, SoftmaxView, StepCentres, class_logsumexp, pick_target, sample_classes, top1_accuracy,
+    ClassShard, SampledBlock, SoftmaxView, StepCentres, class_logsumexp, pick_target, sample_classes, top1_accuracy,
 )
 from faceforge.runtime import fp32_only
 
@@ -76,10 +76,14 @@ class Head(nn.Module):
         """Names of parameters that must not be weight-decayed."""
         return []
 
-    def sampled_class_rows(self) -> dict[str, torch.Tensor]:
-        """Class parameter -> the rows the last training step used, for heads that sample; {} when all were used.
-        The step leaves the other rows and their optimizer state untouched."""
+    def sampled_blocks(self) -> dict[str, SampledBlock]:
+        """Class parameter -> the rows the last training step used and the leaf block it computed on, for heads
+        that sample; {} when all were used. The step updates those rows only (engine/sampled_rows.py)."""
         return {}
+
+    def sampled_class_rows(self) -> dict[str, torch.Tensor]:
+        """Class parameter -> the rows the last training step used (sampled_blocks' indices)."""
+        return {name: sampled.index for name, sampled in self.sampled_blocks().items()}
 
     def check_input(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         """ValueError unless embeddings are [B, embedding_size] and labels [B] (a caller's bug, not a config)."""
@@ -103,18 +107,21 @@ class CentreHead(Head):
             raise ConfigError(f"head.sample_rate must be in (0, 1], got {sample_rate}")
         self.sample_rate = float(sample_rate)
         self.weight = nn.Parameter(torch.empty(self.shard.count, embedding_size).normal_(0.0, 0.01))
-        self._sampled: torch.Tensor | None = None
+        self._sampled: SampledBlock | None = None
 
     def step_centres(self, labels: torch.Tensor) -> StepCentres:
-        """This step's centres: the whole shard, or in training with sampling the sampled rows (sample_classes);
-        the rows are remembered for sampled_class_rows."""
+        """This step's centres: the whole shard, or in training with sampling a detached leaf block of the sampled
+        rows (sample_classes), remembered for sampled_blocks: `weight` itself then gets no gradient, so the
+        optimizer skips it and the step updates only those rows."""
+        self._sampled = None  # before sampling: the last step's block is freed before this one is gathered
         sample = sample_classes(self.shard, labels, self.sample_rate) if self.training else None
-        self._sampled = None if sample is None else sample.index
         if sample is None:
             return StepCentres(self.weight, labels, self.shard, None)
-        return StepCentres(self.weight[sample.index], sample.labels, sample.shard, sample)
+        block = self.weight.detach().index_select(0, sample.index).requires_grad_()
+        self._sampled = SampledBlock(sample.index, block)
+        return StepCentres(block, sample.labels, sample.shard, sample)
 
-    def sampled_class_rows(self) -> dict[str, torch.Tensor]:
+    def sampled_blocks(self) -> dict[str, SampledBlock]:
         return {} if self._sampled is None else {"weight": self._sampled}
 
 

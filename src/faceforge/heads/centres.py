@@ -53,6 +53,15 @@ class ClassSample:
     kept_others: int
 
 
+class SampledBlock(NamedTuple):
+    """A sampled step's rows `index` of a class parameter and `block`, a detached leaf copy of those rows that the
+    head computed on: its gradient is the rows' gradient, and the parameter itself gets none (no dense [N, D]
+    gradient); the step then updates just those rows (engine/sampled_rows.py)."""
+
+    index: torch.Tensor
+    block: torch.Tensor
+
+
 class StepCentres(NamedTuple):
     """The centres one step uses, the labels and shard they are relative to, and the sample (None: all rows)."""
 

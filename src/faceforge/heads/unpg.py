@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from faceforge import distributed
 from faceforge.errors import ConfigError
 from faceforge.heads.base import Head, HeadOutput, SoftmaxHead, softmax_cross_entropy
+from faceforge.heads.centres import SampledBlock
 from faceforge.heads.wrappers import register_wrapper
 from faceforge.runtime import at_least_fp32, fp32_only
 
@@ -69,8 +70,8 @@ class UNPG(Head):
     def no_weight_decay(self) -> list[str]:
         return [f"base.{name}" for name in self.base.no_weight_decay()]
 
-    def sampled_class_rows(self) -> dict[str, torch.Tensor]:
-        return {f"base.{name}": rows for name, rows in self.base.sampled_class_rows().items()}
+    def sampled_blocks(self) -> dict[str, SampledBlock]:
+        return {f"base.{name}": sampled for name, sampled in self.base.sampled_blocks().items()}
 
     def negatives(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Cosine Gram matrix [B, B] (with gradient), the mask of negative pairs the Tukey filter keeps, and how
