@@ -62,7 +62,7 @@ def test_schedules():
 
 
 @pytest.mark.parametrize(("override", "expected"), [
-    ("train.channels_last=true", "true"), ("train.channels_last=false", "false"), ("train.channels_last=auto", "auto"),
+    ("train.channels_last=true", True), ("train.channels_last=false", False), ("train.channels_last=auto", "auto"),
     ("train.precision=bf16", "bf16"),
 ])
 def test_literal_fields_take_their_choices_and_yaml_bools(override, expected):
@@ -71,8 +71,14 @@ def test_literal_fields_take_their_choices_and_yaml_bools(override, expected):
 
 
 @pytest.mark.parametrize("override", [
-    "train.precision=fp8", "train.channels_last=1", "schedule.name=step", "data.on_corrupt=true", "optim.name=adam",
+    "train.precision=fp8", "schedule.name=step", "data.on_corrupt=true", "optim.name=adam",
 ])
 def test_literal_fields_refuse_other_values(override):
     with pytest.raises(ConfigError, match=rf"'{override.split('=')[0]}' must be one of"):
+        config_from_dict({}, [override])
+
+
+@pytest.mark.parametrize("override", ["train.channels_last=1", "train.channels_last=yes_please"])
+def test_channels_last_is_a_bool_or_auto(override):
+    with pytest.raises(ConfigError, match=r"'train.channels_last' has the wrong type"):
         config_from_dict({}, [override])

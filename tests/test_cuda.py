@@ -68,7 +68,7 @@ def _config(head_name: str, precision: str, tmp_path):
     # grad_clip far above any norm here: the fp16 gradients are unscaled (clipping calls unscale_) but not clipped.
     return config_from_dict({
         "backbone": TINY, "head": head, "regularizers": regularizers, "optim": {"grad_clip": 1e9},
-        "train": {"precision": precision, "device": DEVICE, "channels_last": "true"},
+        "train": {"precision": precision, "device": DEVICE, "channels_last": True},
     })
 
 

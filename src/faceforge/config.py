@@ -79,7 +79,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: GPU bf16 where native, else fp16; CPU fp32
     # NHWC activations: auto = on a GPU. YAML true / false are read as "true" / "false".
-    channels_last: Literal["auto", "true", "false"] = "auto"
+    channels_last: bool | Literal["auto"] = "auto"  # auto: on for CUDA
     compile: bool = False  # torch.compile the backbone (off by default until measured to help on the GPU)
     tf32: bool = True  # CUDA: TF32 for the backbone's fp32 matmuls and convolutions; heads always compute in fp32
     ddp_bucket_mb: float = 25.0  # torchrun: gradient all-reduce bucket size

@@ -50,7 +50,7 @@ def build_parts(cfg: Config, num_classes: int, device: torch.device, par: Parall
     par = par or Parallel()
     t = cfg.train
     amp_dtype = autocast_dtype(t.precision, device)
-    channels_last = t.channels_last == "true" or (t.channels_last == "auto" and device.type == "cuda")
+    channels_last = t.channels_last is True or (t.channels_last == "auto" and device.type == "cuda")
     backbone = check_backbone(build_backbone(**cfg.backbone), cfg.backbone["name"]).to(device)
     if channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
