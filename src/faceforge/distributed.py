@@ -177,7 +177,7 @@ def all_reduce_scalars(
     when to look. Without torch.distributed the values come back unchanged.
     """
     if isinstance(values, torch.Tensor):
-        t = values.detach().to(device=device, dtype=torch.float64).reshape(-1).clone()
+        t = values.detach().to(device=device, dtype=torch.float64, copy=True).reshape(-1)
     else:
         t = torch.tensor(list(values), dtype=torch.float64, device=device)
     if is_distributed() and group is not None:

@@ -83,6 +83,7 @@ class Trainer:
         self._skips = torch.zeros((), dtype=torch.int64, device=self.device)
         self._bad_run = torch.zeros((), dtype=torch.int64, device=self.device)
         self.saved_step: int | None = None  # the step of the newest checkpoint of this run
+        self._flip_gen = torch.Generator(self.device)  # re-seeded every step (see train_step)
 
     def _open_log(self, run_dir: Path, fresh: bool) -> None:
         """The run folder (rank 0's name on every rank); a fresh one gets the resolved config."""
@@ -216,8 +217,8 @@ class Trainer:
         self.head.set_progress(progress, epochs_done)
         # The flip draws are seeded by (seed, step), so a resumed run mirrors the same images; drawn on the device.
         # 1_000_003 (a prime above any step count) keeps one seed's steps apart from the next seed's.
-        flip_gen = torch.Generator(self.device).manual_seed(cfg.train.seed * 1_000_003 + self.state.step)
-        x = to_model_input(images, self.device, cfg.data.flip, flip_gen, self.parts.channels_last)
+        self._flip_gen.manual_seed(cfg.train.seed * 1_000_003 + self.state.step)
+        x = to_model_input(images, self.device, cfg.data.flip, self._flip_gen, self.parts.channels_last)
         y = labels.to(self.device, non_blocking=True)
         result = train_step(self.parts, x, y)
         result.metrics["lr"] = lr
