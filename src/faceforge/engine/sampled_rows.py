@@ -33,19 +33,24 @@ def _group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict:
 
 def _write_rows(full: torch.Tensor, index: torch.Tensor, old: torch.Tensor, new: torch.Tensor,
                 skipped: torch.Tensor) -> None:
-    """full[index] = new, or the old rows again on a skipped step."""
-    full.index_copy_(0, index, torch.where(skipped, old, new))
+    """full[index] = new, or the old rows again on a skipped step. `new` is a scratch copy and is overwritten:
+    the choice is made into it, so that no third [S, D] tensor is allocated."""
+    full.index_copy_(0, index, torch.where(skipped, old, new, out=new))
 
 
 def _sgd_rows(optimizer: torch.optim.SGD, param: torch.Tensor, sampled: SampledBlock, grad: torch.Tensor,
               skipped: torch.Tensor) -> None:
-    """torch.optim.SGD's update (weight decay, momentum, Nesterov; no dampening) on the sampled rows."""
+    """torch.optim.SGD's update (weight decay, momentum, Nesterov; no dampening) on the sampled rows.
+
+    `grad` is the block's own gradient, spent after this step, so it is worked on in place: on the CPU each
+    fresh [S, D] tensor costs as much as a pass over it (its pages are faulted in), so this allocates one
+    (the gathered momentum rows' update) where the plain formula would allocate six."""
     group = _group_of(optimizer, param)
     if group["dampening"] != 0 or group["maximize"]:
         raise NotImplementedError("sampled class rows: SGD with dampening or maximize")
     rows = sampled.block.detach()  # the rows as the head read them: nothing has changed them since
     if group["weight_decay"] != 0:
-        grad = grad.add(rows, alpha=group["weight_decay"])
+        grad.add_(rows, alpha=group["weight_decay"])
     momentum = group["momentum"]
     if momentum != 0:
         state = optimizer.state[param]
@@ -53,10 +58,13 @@ def _sgd_rows(optimizer: torch.optim.SGD, param: torch.Tensor, sampled: SampledB
             state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         full = state["momentum_buffer"]
         buf = full.index_select(0, sampled.index)
-        new_buf = buf.mul(momentum).add_(grad)
-        grad = grad.add(new_buf, alpha=momentum) if group["nesterov"] else new_buf
+        new_buf = torch.add(grad, buf, alpha=momentum)
+        if group["nesterov"]:
+            grad.add_(new_buf, alpha=momentum)
+        else:
+            grad.copy_(new_buf)
         _write_rows(full, sampled.index, buf, new_buf, skipped)
-    _write_rows(param.data, sampled.index, rows, rows.add(grad, alpha=-group["lr"]), skipped)
+    _write_rows(param.data, sampled.index, rows, torch.add(rows, grad, alpha=-group["lr"], out=grad), skipped)
 
 
 def _adamw_step(state: dict, param: torch.Tensor) -> torch.Tensor:
@@ -71,7 +79,8 @@ def _adamw_step(state: dict, param: torch.Tensor) -> torch.Tensor:
 def _adamw_rows(optimizer: torch.optim.AdamW, param: torch.Tensor, sampled: SampledBlock, grad: torch.Tensor,
                 skipped: torch.Tensor) -> None:
     """torch.optim.AdamW's update (decoupled weight decay, bias correction at the parameter's step count) on the
-    sampled rows; see the module docstring for what `step` means for rows sampled at different times."""
+    sampled rows; see the module docstring for what `step` means for rows sampled at different times. The
+    moments' new rows are computed into fresh copies and the update into `grad` (spent after this step)."""
     group = _group_of(optimizer, param)
     if group["amsgrad"] or group["maximize"]:
         raise NotImplementedError("sampled class rows: AdamW with amsgrad or maximize")
@@ -84,13 +93,14 @@ def _adamw_rows(optimizer: torch.optim.AdamW, param: torch.Tensor, sampled: Samp
     step = _adamw_step(state, param)
     rows = sampled.block.detach()
     avg, avg_sq = (state[k].index_select(0, sampled.index) for k in ("exp_avg", "exp_avg_sq"))
-    new_avg = avg.lerp(grad, 1 - beta1)
-    new_avg_sq = avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+    new_avg = torch.lerp(avg, grad, 1 - beta1)
+    new_avg_sq = torch.mul(avg_sq, beta2).addcmul_(grad, grad, value=1 - beta2)
     count = (step + 1).double()  # float64 as torch's host-side bias correction
     correction1 = (1 - beta1 ** count).to(rows.dtype)
     correction2_sqrt = (1 - beta2 ** count).sqrt().to(rows.dtype)
-    denom = (new_avg_sq.sqrt() / correction2_sqrt).add_(group["eps"])
-    new_rows = rows.mul(1 - lr * group["weight_decay"]).sub_(new_avg.div(denom).mul_(lr / correction1))
+    update = torch.sqrt(new_avg_sq, out=grad).div_(correction2_sqrt).add_(group["eps"])  # the denominator
+    update = torch.div(new_avg, update, out=update).mul_(lr / correction1)
+    new_rows = update.neg_().add_(rows, alpha=1 - lr * group["weight_decay"])
     _write_rows(state["exp_avg"], sampled.index, avg, new_avg, skipped)
     _write_rows(state["exp_avg_sq"], sampled.index, avg_sq, new_avg_sq, skipped)
     _write_rows(param.data, sampled.index, rows, new_rows, skipped)
