@@ -59,9 +59,16 @@ def test_losses_stay_fp32_under_autocast():
 
 
 def test_pull_loss_gives_no_gradient_to_other_identities():
+    """In training only the batch's rows are computed on (a block, no [N, D] gradient); in evaluation the dense
+    gradient is zero off them."""
     head = _head(joint=True, uniformity=0.0)
     y = torch.tensor([2, 5, 5])
-    head(torch.randn(3, 8), y).loss.backward()
+    x = torch.randn(3, 8)
+    head(x, y).loss.backward()
+    index, block = head.sampled_blocks()["code_vectors"]
+    assert head.code_vectors.grad is None and index.tolist() == [2, 5] and bool((block.grad != 0).any(dim=1).all())
+    head.eval()
+    head(x, y).loss.backward()
     moved = head.code_vectors.grad.abs().sum(dim=1) > 0
     assert moved.nonzero().squeeze(1).tolist() == [2, 5]
     fixed = _head()

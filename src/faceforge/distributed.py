@@ -183,3 +183,35 @@ def all_reduce_scalars(
     if is_distributed() and group is not None:
         dist.all_reduce(t, op=op, group=group)
     return t
+
+
+def _all_gather_padded(t: torch.Tensor, counts: list[int], group: Any) -> list[torch.Tensor]:
+    """Every rank's `t` (rank r's has counts[r] rows), each padded to the largest for the collective."""
+    padded = t.new_zeros((max(counts), *t.shape[1:]))
+    padded[: len(t)] = t
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded, group=group)
+    return [part[:n] for part, n in zip(parts, counts)]
+
+
+def sum_rows_over_ranks(index: torch.Tensor, rows: torch.Tensor, group: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's rows [S_r, ...] at its distinct row indices `index` [S_r] summed over `group`: the sorted union
+    of all ranks' indices and, at each, the sum of the rows the ranks gave it, the same on every rank.
+
+    What a replicated parameter's sampled rows need instead of an all-reduce of the whole [N, ...] gradient. The
+    sizes differ by rank (one host read of them); duplicates are added rank after rank, so every rank rounds the
+    same. (index, rows) when group is None.
+    """
+    if group is None:
+        return index, rows
+    size = torch.tensor([len(index)], device=rows.device)
+    sizes = [torch.empty_like(size) for _ in range(world_size(group))]
+    dist.all_gather(sizes, size, group=group)
+    counts = torch.cat(sizes).tolist()
+    indices = _all_gather_padded(index, counts, group)
+    parts = _all_gather_padded(rows, counts, group)
+    union = torch.unique(torch.cat(indices))
+    summed = rows.new_zeros((len(union), *rows.shape[1:]))
+    for part_index, part in zip(indices, parts):
+        summed.index_add_(0, torch.searchsorted(union, part_index), part)
+    return union, summed

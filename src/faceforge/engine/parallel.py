@@ -3,7 +3,8 @@
 Training objective with K processes: the head loss over the global batch plus the mean of the per-rank
 regularizer losses. Class-sharded heads see the all-gathered batch and each rank differentiates only its own
 classes' terms; every replicated parameter (backbone, GIF heads, SphereFace2's bias) then needs its gradients
-summed over ranks, never averaged: DDP gets a summing communication hook.
+summed over ranks, never averaged: DDP gets a summing communication hook. The rows a replicated head sampled
+(GIF's code vectors) are summed sparsely instead: the union of every rank's rows, so every rank updates the same.
 The collectives themselves (with gradient, of scalars, of class rows) and the split of classes over ranks live in
 faceforge/distributed.py, below the heads.
 """
@@ -22,6 +23,7 @@ from torch import nn
 from faceforge import distributed
 from faceforge.errors import ConfigError
 from faceforge.heads import ClassShard, Head
+from faceforge.heads.centres import SampledBlock
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,33 @@ def unwrap(backbone: nn.Module) -> nn.Module:
     return backbone.module if isinstance(backbone, nn.parallel.DistributedDataParallel) else backbone
 
 
+def _replicated(head: Head, par: Parallel) -> bool:
+    return par.active and head.shard.group is None
+
+
 def sum_replicated_head_grads(head: Head, par: Parallel) -> None:
     """A replicated head (no class shard, e.g. GIF) sums its gradients over ranks. A sharded head needs nothing:
-    its centres are its own and its shared parameters get whole gradients in its backward (SphereFace2's bias)."""
-    if head.shard.group is None:
+    its centres are its own and its shared parameters get whole gradients in its backward (SphereFace2's bias).
+    A parameter whose rows the head sampled has no gradient, so no dense all-reduce: its rows' gradients are
+    summed sparsely by sampled_blocks_over_ranks."""
+    if _replicated(head, par):
         distributed.sum_grads(head.parameters(), par.group)
+
+
+def sampled_blocks_over_ranks(head: Head, par: Parallel) -> dict[str, SampledBlock]:
+    """The sampled blocks the step updates: the head's own, or for a replicated head under torchrun every rank's
+    merged (distributed.sum_rows_over_ranks): the union of the ranks' rows, read from this rank's parameter (the
+    replicas are equal), with their gradients summed, so that every rank applies the same update to the same rows.
+    A block without a gradient counts as zeros, so that every rank joins every collective."""
+    blocks = head.sampled_blocks()
+    if not _replicated(head, par):
+        return blocks
+    params = dict(head.named_parameters())
+    merged = {}
+    for name, (index, block) in blocks.items():
+        grad = torch.zeros_like(block) if block.grad is None else block.grad
+        union, summed = distributed.sum_rows_over_ranks(index, grad, par.group)
+        rows = params[name].detach().index_select(0, union).requires_grad_()
+        rows.grad = summed
+        merged[name] = SampledBlock(union, rows)
+    return merged

@@ -14,7 +14,9 @@ from faceforge.config import Config
 from faceforge import distributed
 from faceforge.distributed import all_gather_nograd, all_gather_with_grad
 from faceforge.engine.optim import build_optimizer
-from faceforge.engine.parallel import Parallel, class_shard, sum_replicated_head_grads, wrap_backbone
+from faceforge.engine.parallel import (
+    Parallel, class_shard, sampled_blocks_over_ranks, sum_replicated_head_grads, wrap_backbone,
+)
 from faceforge.engine.sampled_rows import update_sampled_rows
 from faceforge.heads import Head, build_head
 from faceforge.registry import HEADS, REGULARIZERS
@@ -118,8 +120,9 @@ def _guarded_step(p: StepParts, loss: torch.Tensor, grad_norm: torch.Tensor | No
 
 def _step_with_sampled_rows(p: StepParts, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
     """The guarded step of every parameter with a gradient; then, skipped with it, the update of the class rows a
-    sampling head used (its class parameters got no gradient, so the optimizer left them alone)."""
-    blocks = p.head.sampled_blocks()
+    sampling head used (its class parameters got no gradient, so the optimizer left them alone); a replicated
+    head's rows are those of every rank, their gradients summed."""
+    blocks = sampled_blocks_over_ranks(p.head, p.par)
     skipped = _guarded_step(p, loss, grad_norm)
     if blocks:
         # fp16: the scaler's unscale_ saw only the optimizer's parameters; the rows' gradient is still scaled.

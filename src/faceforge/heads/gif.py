@@ -4,7 +4,9 @@ Each identity y has a fixed code c^y of l tokens < v and a unit code vector h_y 
 Position j has a projection followed by a margin softmax over v centres; the loss per sample is
 Σ_j CE_j + γ·½(zᵀh_y − 1)², z the normalised embedding. The head's parameters are l·(head_dim·D + v·head_dim),
 whatever the number of identities. In joint mode the code vectors train too, kept apart by the uniformity
-loss, and `recode_every` epochs the codes are re-derived from them.
+loss, and `recode_every` epochs the codes are re-derived from them. A training step computes on a detached copy of
+just the rows it uses (the batch's identities and the uniformity subset), so the [N, D] code vectors get no dense
+gradient and the step updates only those rows (sampled_blocks, engine/sampled_rows.py).
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from faceforge import distributed
 from faceforge.errors import ConfigError
 from faceforge.heads.base import Head, HeadOutput
+from faceforge.heads.centres import SampledBlock
 from faceforge.heads.margin import ArcFace, CosFace
 from faceforge.runtime import at_least_fp32, fp32_only
 from faceforge.registry import HEADS
@@ -95,9 +99,13 @@ class GIF(Head):
         self.tokens = nn.ModuleList(
             MARGINS[margin](head_dim, self.v, s=s, m=m, margin_warmup=margin_warmup) for _ in range(self.length)
         )
+        self._sampled: SampledBlock | None = None
 
     def no_weight_decay(self) -> list[str]:
         return ["code_vectors"] if self.joint else []
+
+    def sampled_blocks(self) -> dict[str, SampledBlock]:
+        return {} if self._sampled is None else {"code_vectors": self._sampled}
 
     def set_progress(self, progress: float, epoch: float = 0.0) -> None:
         super().set_progress(progress, epoch)
@@ -131,30 +139,47 @@ class GIF(Head):
             metrics["code_acc"] = hit.all(dim=0).float().mean()
             per_sample = token_loss
             metrics["token_ce"] = token_loss.detach().mean()
-            if self.code_vectors is not None and self.gamma > 0:
-                h = self.code_vectors[labels]
+            vectors, rows = self._step_vectors(labels)
+            if vectors is not None and self.gamma > 0:
+                h = vectors[rows]
                 if self.joint:
                     # Each vector takes its own identity's pull summed over the batch (as the authors' prior
-                    # code reduces it), so it moves at the optimizer's lr whatever the batch size.
-                    h = h.detach() + len(labels) * (h - h.detach())
+                    # code reduces it), so it moves at the optimizer's lr whatever the batch size. Under torchrun
+                    # this replicated head sees its rank's share of the global batch, and the step divides its
+                    # loss by the world size: the global batch's size keeps the sum.
+                    h = h.detach() + len(labels) * distributed.world_size() * (h - h.detach())
                 h = F.normalize(at_least_fp32(h), dim=1)
                 pull = 0.5 * ((z * h).sum(dim=1) - 1.0).square()
                 per_sample = per_sample + self.gamma * pull
                 metrics["pull"] = pull.detach().mean()
             if self.joint and self.uniformity > 0 and self.training:
-                potential = self._potential(labels)
+                potential = self._potential(vectors)
                 # Added to every sample so that losses reweighted per sample (SDE) keep it too.
                 per_sample = per_sample + self.uniformity * potential
                 metrics["uniformity"] = potential.detach()
         return HeadOutput(loss=per_sample.mean(), per_sample_loss=per_sample, metrics=metrics)
 
-    def _potential(self, labels: torch.Tensor) -> torch.Tensor:
-        """Gaussian potential of the batch's code vectors plus `subset` random others (CPU RNG: resumable)."""
-        others = torch.randint(self.num_classes, (self.subset,)).to(labels.device)
-        ids = torch.unique(torch.cat([labels, others]))
-        if len(ids) < 2:
-            return self.code_vectors.sum() * 0.0
-        return gaussian_potential(F.normalize(at_least_fp32(self.code_vectors[ids]), dim=1), self.t)
+    def _step_vectors(self, labels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """This step's code vectors and each label's row in them: all of them, or in joint training a detached leaf
+        block of the rows the loss uses, the batch's identities plus (uniformity) `subset` random others drawn from
+        the CPU RNG (resumable), sorted. The block is remembered for sampled_blocks: `code_vectors` itself then
+        gets no gradient, so the optimizer skips it and the step updates only those rows."""
+        self._sampled = None  # before gathering: the last step's block is freed first
+        if not (self.joint and self.training and (self.gamma > 0 or self.uniformity > 0)):
+            return self.code_vectors, labels
+        ids = labels
+        if self.uniformity > 0:
+            ids = torch.cat([labels, torch.randint(self.num_classes, (self.subset,)).to(labels.device)])
+        index = torch.unique(ids)
+        block = self.code_vectors.detach().index_select(0, index).requires_grad_()
+        self._sampled = SampledBlock(index, block)
+        return block, torch.searchsorted(index, labels)
+
+    def _potential(self, block: torch.Tensor) -> torch.Tensor:
+        """Gaussian potential of this step's block of code vectors (_step_vectors: the batch's and the subset's)."""
+        if len(block) < 2:
+            return block.sum() * 0.0
+        return gaussian_potential(F.normalize(at_least_fp32(block), dim=1), self.t)
 
     @torch.no_grad()
     def recode(self) -> int:
