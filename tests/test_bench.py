@@ -95,7 +95,7 @@ def test_bench_head_step_memory_puts_the_tracked_peak_next_to_the_plan(capsys):
         row = _head_row(capsys, "head-step", *quick, *flags)[0]
         assert row["tracked_peak_gib"] > 0 and row["planned_gib"] > 0, row
         assert 0.9 <= row["planned_over_tracked"] <= 1.1, row
-    assert row["head_params"] == {"v": 8, "joint": True} and row["sample_rate"] is None
+    assert row["head_params"] == {"joint": True, "v": 8} and row["sample_rate"] is None
 
 
 def test_bench_head_names_every_term_per_num_classes_and_world_size(capsys):

@@ -46,7 +46,7 @@ def _head_params(args: argparse.Namespace) -> dict:
     if args.head == "gif":
         if args.unpg is not None:
             raise ConfigError("--unpg wraps a softmax-family head, not gif")
-        return {"v": args.v, "joint": args.gif_joint}
+        return {"joint": args.gif_joint, **({} if args.v is None else {"v": args.v})}
     if args.gif_joint:
         raise ConfigError(f"--gif-joint is for --head gif, not {args.head}")
     return {} if args.unpg is None else {"unpg": {"k": args.unpg}}
@@ -83,7 +83,7 @@ def _add_head_flags(q: argparse.ArgumentParser, d: Config) -> None:
     q.add_argument("--optimizer", choices=_choices(OptimConfig, "name"), default=d.optim.name)
     q.add_argument("--sample-rate", type=float, default=1.0, help="PartialFC fraction of the other classes")
     q.add_argument("--unpg", type=float, metavar="K", help="wrap the head in UNPG with Tukey fence k = K")
-    q.add_argument("--v", type=int, default=16, help="--head gif: vocabulary size of the random codes")
+    q.add_argument("--v", type=int, help="--head gif: vocabulary size of the random codes (default 16)")
     q.add_argument("--gif-joint", action="store_true", help="--head gif: train the code vectors too")
     q.add_argument("--device", default="cpu", help="where the step runs (bench head: where the plan probes it)")
 

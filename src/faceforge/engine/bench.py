@@ -16,7 +16,9 @@ from torch import nn
 from faceforge.config import Config, TrainConfig
 from faceforge.data.loader import BatchPlan, TrainLoader, prefetch_to_device, to_model_input
 from faceforge.data.record_dataset import RecordDataset
-from faceforge.engine.head_memory import head_step_parts, plan_head_memory, random_gif_codes, track_step
+from faceforge.engine.head_memory import (
+    GIF_VOCABULARY, head_step_parts, plan_head_memory, random_gif_codes, track_step,
+)
 from faceforge.engine.step import StepParts, build_parts, train_step
 from faceforge.engine.validate import check_components
 from faceforge.errors import ConfigError
@@ -159,22 +161,29 @@ def _random_labels(batch: int, num_classes: int, device: torch.device) -> Iterat
 
 def _build_params(head: str, num_classes: int, embedding_size: int, sample_rate: float, head_params: dict) -> dict:
     """What the head is built with: GIF's random distinct codes and code vectors (vocabulary head_params' v,
-    default 16) made in memory, else the PartialFC rate."""
+    default GIF_VOCABULARY) made in memory, else the PartialFC rate."""
     if head != "gif":
         return {**head_params, "sample_rate": sample_rate}
     if sample_rate != 1.0:
         raise ConfigError(f"bench head-step --sample-rate {sample_rate}: gif has no class centres to sample")
-    codes, vectors = random_gif_codes(num_classes, head_params.get("v", 16), embedding_size)
-    return {"v": 16, **head_params, "codes": codes, "code_vectors": vectors}
+    v = head_params.get("v", GIF_VOCABULARY)
+    codes, vectors = random_gif_codes(num_classes, v, embedding_size)
+    return {**head_params, "v": v, "codes": codes, "code_vectors": vectors}
 
 
 def _memory_row(parts: StepParts, batches: Iterator[tuple], head: str, num_classes: int, sample_rate: float,
                 batch: int, embedding_size: int, optimizer: str, head_params: dict) -> dict:
-    """One more train_step under the live-tensor tracker next to the plan of the same step at world size 1."""
+    """One more train_step under the live-tensor tracker next to the plan of the same step at world size 1 (on
+    CUDA also the allocator's peak over that step: all it holds, what the tracker follows and the rest)."""
+    cuda = parts.device.type == "cuda"
+    if cuda:
+        synchronize(parts.device)
+        torch.cuda.reset_peak_memory_stats(parts.device)
     tracked = track_step(parts, *next(batches)).peak
+    allocator = {"allocator_peak_gib": round(_peak_memory_gb(parts.device), 4)} if cuda else {}
     plan = plan_head_memory(num_classes, 1, batch, embedding_size, optimizer, sample_rate, head,
                             head_params=head_params, device=str(parts.device))
-    return {"tracked_peak_gib": round(tracked / 2**30, 4), "planned_gib": plan["total_gib"],
+    return {"tracked_peak_gib": round(tracked / 2**30, 4), **allocator, "planned_gib": plan["total_gib"],
             "planned_over_tracked": round(plan["total_bytes"] / tracked, 4)}
 
 
@@ -194,6 +203,7 @@ def bench_head_step(head: str, num_classes: int, sample_rate: float, batch: int,
                             _build_params(head, num_classes, embedding_size, sample_rate, head_params))
     batches = _random_labels(batch, num_classes, dev)
     seconds = _timed_steps(parts, batches, warmup, steps)
+    peak_gb = _peak_memory_gb(dev)  # the timed steps' own, before the tracked step and the plan's probe
     measured = _memory_row(parts, batches, head, num_classes, sample_rate, batch, embedding_size, optimizer,
                            head_params) if memory else {}
     return {
@@ -201,7 +211,7 @@ def bench_head_step(head: str, num_classes: int, sample_rate: float, batch: int,
         "sample_rate": _sample_rate(parts.head), "batch": batch, "embedding_size": embedding_size,
         "optimizer": optimizer, "steps": steps,
         "ms_per_step": round(1000 * seconds / steps, 2),
-        "peak_memory_gb": round(_peak_memory_gb(dev), 3),
+        "peak_memory_gb": round(peak_gb, 3),
         "peak_memory_kind": "cuda max_memory_allocated" if dev.type == "cuda" else "process max RSS",
         **measured,
         "threads": torch.get_num_threads(),

@@ -34,6 +34,7 @@ from faceforge.registry import BACKBONES, HEADS
 from faceforge.tokenizer.kmeans import code_length
 
 PROBE_BATCH, PROBE_DIM, PROBE_CLASSES = 24, 40, 1499  # a centre head's probe: small, and no two size classes alike
+GIF_VOCABULARY = 16  # v of the random codes a GIF plan or bench row uses when none is given
 GIF_PROBE_DRAWS = 20  # a GIF probe holds >= 20x (batch + subset) identities: the uniformity ids are as many as at N
 FIXED = "fixed"  # the size class of everything whose size depends on no planned size
 ROW_CLASSES = ("class_rows", "sampled_rows", "embeddings", "code_vectors")  # fp32 [rows, D] size classes
@@ -211,7 +212,7 @@ def _gif_scaling(identities: int, batch: int, dim: int, params: dict) -> tuple[_
     """GIF (replicated on every rank): probed at the planned batch, dim, code length l and vocabulary, with
     GIF_PROBE_DRAWS x (batch + subset) identities at most, so that the uniformity loss' random ids are nearly as
     many as at N. Returns the scaling and the head's parameters for the probe (v and l added)."""
-    params = {**params, "v": params.get("v", 16)}
+    params = {**params, "v": params.get("v", GIF_VOCABULARY)}
     length = code_length(identities, params["v"])
     subset = params.get("subset", _gif_defaults()["subset"])
     probed = min(identities, GIF_PROBE_DRAWS * (batch + subset) + 1)
@@ -241,7 +242,8 @@ def _probe(head: str, optimizer: str, params_json: str, probe: tuple[int, int, i
     torch.manual_seed(0)
     dev = torch.device(device)
     parts = head_step_parts(head, classes, batch, dim, optimizer, dev, params)
-    labels = torch.randperm(classes, generator=torch.Generator().manual_seed(0))[:batch].to(dev)
+    perm = torch.randperm(classes, generator=torch.Generator().manual_seed(0))
+    labels = perm[torch.arange(batch) % classes].to(dev)  # distinct while there are as many classes
     images = torch.zeros(batch, 1, device=dev)
     train_step(parts, images, labels)
     inverse = {numel: name for name, numel in classes_of.items()}
