@@ -78,3 +78,36 @@ def test_bench_head_step_times_the_trainers_sampled_update(capsys, monkeypatch):
     assert row["bench"] == "head-step" and row["num_classes"] == 50 and row["sample_rate"] == 0.2
     assert row["ms_per_step"] > 0 and row["peak_memory_gb"] > 0 and row["peak_memory_kind"] == "process max RSS"
     assert len(calls) == 3
+
+
+def _head_row(capsys, *args: str) -> list[dict]:
+    assert main(["bench", *args]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+
+
+def test_bench_head_step_memory_puts_the_tracked_peak_next_to_the_plan(capsys):
+    """--memory: one more step under the live-tensor tracker; the plan of the same step is within 10% of it,
+    for a sampled UNPG head and for GIF with code vectors trained."""
+    quick = ["--num-classes", "3000", "--batch", "16", "--embedding-size", "24", "--steps", "1", "--warmup", "1",
+             "--memory"]
+    for flags in (["--head", "arcface", "--unpg", "1.5", "--sample-rate", "0.1"],
+                  ["--head", "gif", "--gif-joint", "--v", "8", "--optimizer", "adamw"]):
+        row = _head_row(capsys, "head-step", *quick, *flags)[0]
+        assert row["tracked_peak_gib"] > 0 and row["planned_gib"] > 0, row
+        assert 0.9 <= row["planned_over_tracked"] <= 1.1, row
+    assert row["head_params"] == {"joint": True, "v": 8} and row["sample_rate"] is None
+
+
+def test_bench_head_names_every_term_per_num_classes_and_world_size(capsys):
+    rows = _head_row(capsys, "head", "--num-classes", "5000", "20000", "--world-size", "1", "2", "--batch", "16",
+                     "--embedding-size", "24", "--sample-rate", "0.1", "--optimizer", "adamw")
+    assert [(r["num_classes"], r["world_size"]) for r in rows] == [(5000, 1), (5000, 2), (20000, 1), (20000, 2)]
+    for r in rows:
+        assert r["classes_per_rank"] == -(-r["num_classes"] // r["world_size"])
+        assert r["global_batch"] == 16 * r["world_size"] and r["logit_bytes_per_element"] > 0
+        assert r["class_rows_fp32_copies"] >= 3  # centres and AdamW's two moments, at least
+        assert {"logits_gib", "sampled_rows_gib", "embeddings_gib", "held_gib"} <= set(r)
+    gif = _head_row(capsys, "head", "--head", "gif", "--num-classes", "5000", "--batch", "16",
+                    "--embedding-size", "24")[0]
+    assert gif["code_length"] == 4 and gif["code_vectors_fp32_copies"] == 1.0
+    assert "codes_gib" in gif and "logits_gib" not in gif

@@ -9,6 +9,7 @@ import json
 import typing
 
 from faceforge.config import Config, OptimConfig, TrainConfig
+from faceforge.errors import ConfigError
 
 
 def cmd_bench_flops(args: argparse.Namespace) -> int:
@@ -40,15 +41,26 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_head(args: argparse.Namespace) -> int:
-    from faceforge.engine.head_memory import logits_bytes_per_element, plan_head_memory
+def _head_params(args: argparse.Namespace) -> dict:
+    """The head's other parameters the flags set: UNPG's k, GIF's vocabulary and joint mode."""
+    if args.head == "gif":
+        if args.unpg is not None:
+            raise ConfigError("--unpg wraps a softmax-family head, not gif")
+        return {"joint": args.gif_joint, **({} if args.v is None else {"v": args.v})}
+    if args.gif_joint:
+        raise ConfigError(f"--gif-joint is for --head gif, not {args.head}")
+    return {} if args.unpg is None else {"unpg": {"k": args.unpg}}
 
-    per_logit = logits_bytes_per_element(args.head)
+
+def cmd_bench_head(args: argparse.Namespace) -> int:
+    from faceforge.engine.head_memory import plan_head_memory
+
+    params = _head_params(args)
     for n in args.num_classes:
         for k in args.world_size:
             print(json.dumps(plan_head_memory(
                 n, k, batch_per_rank=args.batch, embedding_size=args.embedding_size, optimizer=args.optimizer,
-                sample_rate=args.sample_rate, head=args.head, per_logit=per_logit,
+                sample_rate=args.sample_rate, head=args.head, head_params=params, device=args.device,
             )))
     return 0
 
@@ -58,9 +70,22 @@ def cmd_bench_head_step(args: argparse.Namespace) -> int:
 
     print(json.dumps(bench_head_step(
         args.head, args.num_classes, args.sample_rate, args.batch, args.embedding_size, args.steps, args.device,
-        args.optimizer, args.warmup,
+        args.optimizer, args.warmup, head_params=_head_params(args), memory=args.memory,
     )))
     return 0
+
+
+def _add_head_flags(q: argparse.ArgumentParser, d: Config) -> None:
+    """The head flags `bench head` and `bench head-step` share."""
+    q.add_argument("--head", default=d.head["name"])
+    q.add_argument("--batch", type=int, default=128, help="images per process")
+    q.add_argument("--embedding-size", type=int, default=512)
+    q.add_argument("--optimizer", choices=_choices(OptimConfig, "name"), default=d.optim.name)
+    q.add_argument("--sample-rate", type=float, default=1.0, help="PartialFC fraction of the other classes")
+    q.add_argument("--unpg", type=float, metavar="K", help="wrap the head in UNPG with Tukey fence k = K")
+    q.add_argument("--v", type=int, help="--head gif: vocabulary size of the random codes (default 16)")
+    q.add_argument("--gif-joint", action="store_true", help="--head gif: train the code vectors too")
+    q.add_argument("--device", default="cpu", help="where the step runs (bench head: where the plan probes it)")
 
 
 def _choices(table: type, key: str) -> list[str]:
@@ -97,24 +122,18 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--data", help="a train.rec folder to read through the real loader (default: synthetic on device)")
     q.add_argument("--workers", type=int, help=f"data.num_workers: loader workers with --data (default {d.data.num_workers})")
     q.set_defaults(func=cmd_bench_train)
-    q = bench.add_parser("head", help="per-rank memory of a class-sharded head: centres, grads, optimizer, logits")
+    q = bench.add_parser("head", help="per-rank peak memory of a head's training step (centres or codes, "
+                                      "gradients, optimizer state, logits, temporaries), planned from a probe")
     q.add_argument("--num-classes", type=int, nargs="+", required=True)
     q.add_argument("--world-size", type=int, nargs="+", default=[1])
-    q.add_argument("--batch", type=int, default=d.train.batch_size, help="images per process")
-    q.add_argument("--embedding-size", type=int, default=512)
-    q.add_argument("--optimizer", choices=_choices(OptimConfig, "name"), default=d.optim.name)
-    q.add_argument("--sample-rate", type=float, default=1.0)
-    q.add_argument("--head", default=d.head["name"])
+    _add_head_flags(q, d)
     q.set_defaults(func=cmd_bench_head)
     q = bench.add_parser("head-step", help="ms per step and peak memory of the trainer's head path: forward, "
                                            "backward and the update, on a stand-in backbone")
-    q.add_argument("--head", default=d.head["name"])
     q.add_argument("--num-classes", type=int, required=True)
-    q.add_argument("--sample-rate", type=float, default=1.0)
-    q.add_argument("--batch", type=int, default=128)
-    q.add_argument("--embedding-size", type=int, default=512)
-    q.add_argument("--optimizer", choices=_choices(OptimConfig, "name"), default=d.optim.name)
+    _add_head_flags(q, d)
     q.add_argument("--steps", type=int, default=10, help="timed steps")
     q.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    q.add_argument("--device", default="cpu")
+    q.add_argument("--memory", action="store_true", help="then one more step under the live-tensor tracker: its "
+                                                         "peak next to the plan's (bench head) and their ratio")
     q.set_defaults(func=cmd_bench_head_step)

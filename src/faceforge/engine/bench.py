@@ -1,5 +1,6 @@
 """`faceforge bench train`: images/s of the real training step, on device-resident synthetic batches or a .rec;
-`faceforge bench head-step`: ms per step and peak memory of the trainer's head path alone."""
+`faceforge bench head-step`: ms per step and peak memory of the trainer's head path alone (with --memory, the
+peak of live tensors one step holds next to what engine/head_memory.py plans for it)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from faceforge.config import Config, TrainConfig, config_from_dict
+from faceforge.config import Config, TrainConfig
 from faceforge.data.loader import BatchPlan, TrainLoader, prefetch_to_device, to_model_input
 from faceforge.data.record_dataset import RecordDataset
+from faceforge.engine.head_memory import (
+    GIF_VOCABULARY, head_step_parts, plan_head_memory, random_gif_codes, track_step,
+)
 from faceforge.engine.step import StepParts, build_parts, train_step
 from faceforge.engine.validate import check_components
 from faceforge.errors import ConfigError
-from faceforge.registry import BACKBONES
 from faceforge.runtime import configure_cuda, pick_device, synchronize
 from faceforge.tokenizer.codebook import codes_identities
 
@@ -147,19 +150,6 @@ def _timed_steps(parts: StepParts, batches: Iterator[tuple], warmup: int, steps:
     return time.perf_counter() - start
 
 
-class _BatchEmbeddings(nn.Module):
-    """A stand-in backbone for bench head-step: a learnable [batch, D] block returned whatever the images, so that
-    the trainer's own train_step times the head path (forward, backward, clip, the update) and no real backbone."""
-
-    def __init__(self, embedding_size: int, batch: int) -> None:
-        super().__init__()
-        self.embedding_size = embedding_size
-        self.embeddings = nn.Parameter(torch.randn(batch, embedding_size))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.embeddings
-
-
 def _random_labels(batch: int, num_classes: int, device: torch.device) -> Iterator[tuple]:
     """Four batches of placeholder images and random labels, rotated (the labels decide PartialFC's sample)."""
     g = torch.Generator().manual_seed(0)
@@ -169,28 +159,61 @@ def _random_labels(batch: int, num_classes: int, device: torch.device) -> Iterat
         yield from pool
 
 
+def _build_params(head: str, num_classes: int, embedding_size: int, sample_rate: float, head_params: dict) -> dict:
+    """What the head is built with: GIF's random distinct codes and code vectors (vocabulary head_params' v,
+    default GIF_VOCABULARY) made in memory, else the PartialFC rate."""
+    if head != "gif":
+        return {**head_params, "sample_rate": sample_rate}
+    if sample_rate != 1.0:
+        raise ConfigError(f"bench head-step --sample-rate {sample_rate}: gif has no class centres to sample")
+    v = head_params.get("v", GIF_VOCABULARY)
+    codes, vectors = random_gif_codes(num_classes, v, embedding_size)
+    return {**head_params, "v": v, "codes": codes, "code_vectors": vectors}
+
+
+def _memory_row(parts: StepParts, batches: Iterator[tuple], head: str, num_classes: int, sample_rate: float,
+                batch: int, embedding_size: int, optimizer: str, head_params: dict) -> dict:
+    """One more train_step under the live-tensor tracker next to the plan of the same step at world size 1 (on
+    CUDA also the allocator's peak over that step: all it holds, what the tracker follows and the rest)."""
+    cuda = parts.device.type == "cuda"
+    if cuda:
+        synchronize(parts.device)
+        torch.cuda.reset_peak_memory_stats(parts.device)
+    tracked = track_step(parts, *next(batches)).peak
+    allocator = {"allocator_peak_gib": round(_peak_memory_gb(parts.device), 4)} if cuda else {}
+    plan = plan_head_memory(num_classes, 1, batch, embedding_size, optimizer, sample_rate, head,
+                            head_params=head_params, device=str(parts.device))
+    return {"tracked_peak_gib": round(tracked / 2**30, 4), **allocator, "planned_gib": plan["total_gib"],
+            "planned_over_tracked": round(plan["total_bytes"] / tracked, 4)}
+
+
 def bench_head_step(head: str, num_classes: int, sample_rate: float, batch: int, embedding_size: int,
-                    steps: int, device: str, optimizer: str, warmup: int) -> dict:
-    """Time `steps` train_steps (after `warmup`) whose backbone is _BatchEmbeddings: the trainer's build_parts and
-    train_step, so the head's forward and backward and the sampled-row update are the trainer's own; one row."""
+                    steps: int, device: str, optimizer: str, warmup: int, head_params: dict | None = None,
+                    memory: bool = False) -> dict:
+    """Time `steps` train_steps (after `warmup`) whose backbone is a learnable [batch, D] block: the trainer's
+    build_parts and train_step, so the head's forward and backward and the sampled-row update are the trainer's
+    own; one row. `head_params`: the head's other parameters ({"unpg": {"k": 1.5}}; GIF: {"v": 16, "joint":
+    True}). `memory`: then one more step under the live-tensor tracker, its peak next to the plan's."""
     if warmup < 0 or steps < 1:
         raise ConfigError(f"bench head-step needs --warmup >= 0 and --steps >= 1, got {warmup} and {steps}")
-    with BACKBONES.temporary("bench_embeddings", _BatchEmbeddings):
-        cfg = config_from_dict({
-            "backbone": {"name": "bench_embeddings", "embedding_size": embedding_size, "batch": batch},
-            "head": {"name": head, "sample_rate": sample_rate}, "optim": {"name": optimizer},
-            "train": {"device": device, "batch_size": batch},
-        })
-        dev = pick_device(cfg.train.device)
-        torch.manual_seed(cfg.train.seed)
-        parts = build_parts(cfg, num_classes, dev)
-    seconds = _timed_steps(parts, _random_labels(batch, num_classes, dev), warmup, steps)
+    head_params = head_params or {}
+    dev = pick_device(device)
+    torch.manual_seed(TrainConfig.seed)
+    parts = head_step_parts(head, num_classes, batch, embedding_size, optimizer, dev,
+                            _build_params(head, num_classes, embedding_size, sample_rate, head_params))
+    batches = _random_labels(batch, num_classes, dev)
+    seconds = _timed_steps(parts, batches, warmup, steps)
+    peak_gb = _peak_memory_gb(dev)  # the timed steps' own, before the tracked step and the plan's probe
+    measured = _memory_row(parts, batches, head, num_classes, sample_rate, batch, embedding_size, optimizer,
+                           head_params) if memory else {}
     return {
-        "bench": "head-step", "head": head, "num_classes": num_classes, "sample_rate": sample_rate,
-        "batch": batch, "embedding_size": embedding_size, "optimizer": optimizer, "steps": steps,
+        "bench": "head-step", "head": head, "head_params": head_params, "num_classes": num_classes,
+        "sample_rate": _sample_rate(parts.head), "batch": batch, "embedding_size": embedding_size,
+        "optimizer": optimizer, "steps": steps,
         "ms_per_step": round(1000 * seconds / steps, 2),
-        "peak_memory_gb": round(_peak_memory_gb(dev), 3),
+        "peak_memory_gb": round(peak_gb, 3),
         "peak_memory_kind": "cuda max_memory_allocated" if dev.type == "cuda" else "process max RSS",
+        **measured,
         "threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
