@@ -54,7 +54,9 @@ def test_plan_matches_the_tracked_peak_of_gif(joint, optimizer):
     tracked, _ = _tracked_step("gif", optimizer, params)
     plan = plan_head_memory(N, 1, B, D, optimizer, 1.0, "gif", head_params=params)
     assert 0.9 <= _ratio(plan, tracked) <= 1.1, (plan, tracked)
-    assert plan["code_length"] == 4 and plan["code_vectors_fp32_copies"] >= (4 if joint else 1)
+    # Joint training updates only the step's rows: the [N, D] vectors and their optimizer state, no dense gradient.
+    state = {"sgd": 1, "adamw": 2}[optimizer] if joint else 0
+    assert plan["code_length"] == 4 and plan["code_vectors_fp32_copies"] == 1 + state
 
 
 def _without(sizes, term):
@@ -69,7 +71,7 @@ def _without(sizes, term):
 @pytest.mark.parametrize("head,params,sample_rate,optimizer,sizes,term", [
     ("arcface", {}, 1.0, "sgd", "_centre_sizes", "logits"),
     ("arcface", {}, 1.0, "sgd", "_centre_sizes", "class_rows"),
-    ("softmax", {}, 0.1, "adamw", "_centre_sizes", "sampled_rows"),
+    ("softmax", {}, 0.5, "adamw", "_centre_sizes", "sampled_rows"),  # rows large enough to matter
     ("sphereface2", {}, 0.1, "sgd", "_centre_sizes", "class_rows"),
     ("gif", {**GIF, "joint": True}, 1.0, "adamw", "_gif_sizes", "code_vectors"),
 ])
