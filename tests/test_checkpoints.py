@@ -120,6 +120,20 @@ def test_run_folder_from_before_checksums_still_resumes(tiny_config):
     assert [e["step"] for e in _index(run)["checkpoints"]] == [4, 6]
 
 
+@pytest.mark.parametrize("name_of, said", [(files.weights_name, "cannot read weights"),
+                                           (files.state_name, "cannot read trainer state")])
+def test_unreadable_file_of_an_unverified_checkpoint_is_one_data_error(tiny_config, name_of, said):
+    """Without checksums (a checkpoint from before them) nothing stops a truncated file before it is read."""
+    run = _cut_run(tiny_config, until=2)
+    (run / "checkpoints" / LATEST).write_text(json.dumps(
+        {"step": 2, "weights": files.weights_name(2), "state": files.state_name(2)}))
+    _truncate(run / "checkpoints" / name_of(2))
+    with pytest.raises(DataError) as err:
+        Trainer.resume(run)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{said} {run / 'checkpoints' / name_of(2)}: "), message
+
+
 def test_resume_from_a_chosen_step_equals_the_uninterrupted_run(tiny_config):
     full = _cut_run(tiny_config, "full", keep_checkpoints=0)
     run = _cut_run(tiny_config, keep_checkpoints=0)

@@ -51,7 +51,7 @@ def shard_range(num_rows: int, world: int, rank: int) -> tuple[int, int]:
 
 
 def largest_shard(num_rows: int, world: int) -> int:
-    """Rows of the largest block (what every rank pads to when gathering)."""
+    """Rows of the largest block (what the memory planner sizes a rank's share by)."""
     bounds = shard_bounds(num_rows, world)
     return max(b - a for a, b in zip(bounds, bounds[1:]))
 
@@ -153,17 +153,42 @@ def sum_grads(params: Iterable[torch.Tensor], group: Any) -> None:
             dist.all_reduce(p.grad, group=group)
 
 
-def gather_rows(t: torch.Tensor, num_rows: int, group: Any) -> torch.Tensor:
-    """The whole [num_rows, ...] tensor from every rank's block of rows (shard_bounds' split); `t` when None."""
+ROW_CHUNK_BYTES = 1 << 24  # 16 MiB: the largest message of gather_rows_to_main, the most it adds on any device
+
+
+def gather_rows_to_main(
+    t: torch.Tensor, num_rows: int, group: Any, device: torch.device, chunk_rows: int | None = None
+) -> torch.Tensor | None:
+    """The whole [num_rows, ...] tensor in rank 0's host memory, from every rank's block of rows (shard_bounds'
+    split); None on the other ranks; `t` itself when group is None.
+
+    What a checkpoint of class-sharded centres needs without an all_gather's whole copy on every rank: rank r
+    sends its block to rank 0 in chunks of `chunk_rows` rows (default: ROW_CHUNK_BYTES' worth), and rank 0 copies
+    each into a preallocated CPU tensor as it arrives. A chunk travels on `device`, the group's (NCCL: this rank's
+    GPU, through one reused buffer on rank 0; gloo: the CPU, received straight into the result), so no rank holds
+    more than its block plus one chunk, and the whole matrix exists only on rank 0's host.
+    """
     if group is None:
         return t
-    world = world_size(group)
-    bounds = shard_bounds(num_rows, world)
-    padded = t.new_zeros((largest_shard(num_rows, world), *t.shape[1:]))
-    padded[: len(t)] = t
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat([p[: b - a] for p, a, b in zip(parts, bounds, bounds[1:])])
+    t = t.detach().contiguous()
+    row_bytes = max(1, t.element_size() * t[:1].numel())
+    chunk_rows = chunk_rows or max(1, ROW_CHUNK_BYTES // row_bytes)
+    if rank(group) != 0:
+        for start in range(0, len(t), chunk_rows):
+            dist.send(t[start:start + chunk_rows].to(device), group=group, group_dst=0)
+        return None
+    whole = torch.empty((num_rows, *t.shape[1:]), dtype=t.dtype)
+    whole[: len(t)].copy_(t)
+    bounds = shard_bounds(num_rows, world_size(group))
+    buffer = None if device.type == "cpu" else torch.empty((chunk_rows, *t.shape[1:]), dtype=t.dtype, device=device)
+    for src, (begin, end) in enumerate(zip(bounds[1:-1], bounds[2:]), start=1):
+        for start in range(begin, end, chunk_rows):
+            rows = whole[start:min(start + chunk_rows, end)]
+            arrived = rows if buffer is None else buffer[: len(rows)]
+            dist.recv(arrived, group=group, group_src=src)
+            if buffer is not None:
+                rows.copy_(arrived)
+    return whole
 
 
 def all_reduce_scalars(

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -176,6 +176,25 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         raise DataError(f"cannot read weights {p}: neither safetensors nor a torch.save file")
     return _strip_wrappers(state)
+
+
+def load_weight_rows(path: Path, rows: Callable[[str, list[int]], slice | None]) -> dict[str, torch.Tensor]:
+    """Every tensor of a .safetensors file, each cut as read to the rows `rows(name, shape)` gives (None: all).
+
+    A process loads its class shard of a checkpoint this way: the tensors are views of a memory map of the file,
+    so only the rows it copies out are ever read, never the whole [N, D] matrix (the file must stay as it is while
+    they are alive).
+    """
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = {}
+            for name in f.keys():
+                part = f.get_slice(name)
+                cut = rows(name, part.get_shape())
+                state[name] = f.get_tensor(name) if cut is None else part[cut]
+            return state
+    except (SafetensorError, OSError) as exc:
+        raise DataError(f"cannot read weights {path}: {exc}") from None
 
 
 def split_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
