@@ -1,12 +1,16 @@
 """`faceforge bench train` takes what `faceforge train` takes: a config, dotted overrides and shortcut flags reach
 the parts it times, and a bad key is a one-line error before any work."""
 
+import argparse
 import json
 
+import pytest
 import torch
 import yaml
 
 from faceforge.cli import main
+from faceforge.cli_bench import _head_params
+from faceforge.errors import ConfigError
 from faceforge.tokenizer.codebook import Codebook, save_codes
 
 QUICK = ["bench", "train", "--device", "cpu", "--warmup", "1", "--steps", "1", "--batch", "8"]
@@ -111,3 +115,12 @@ def test_bench_head_names_every_term_per_num_classes_and_world_size(capsys):
                     "--embedding-size", "24")[0]
     assert gif["code_length"] == 4 and gif["code_vectors_fp32_copies"] == 1.0
     assert "codes_gib" in gif and "logits_gib" not in gif
+
+
+def test_gif_codes_only_holds_no_code_vectors(capsys):
+    """--gif-codes-only: GIF without its [N, D] code vectors (no pull term), what must fit at any N."""
+    row = _head_row(capsys, "head", "--head", "gif", "--gif-codes-only", "--num-classes", "5000", "--batch", "16",
+                    "--embedding-size", "24")[0]
+    assert row["code_vectors_fp32_copies"] == 0.0 and "codes_gib" in row
+    with pytest.raises(ConfigError, match="--gif-codes-only"):
+        _head_params(argparse.Namespace(head="gif", unpg=None, v=None, gif_joint=True, gif_codes_only=True))

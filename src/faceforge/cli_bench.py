@@ -46,9 +46,12 @@ def _head_params(args: argparse.Namespace) -> dict:
     if args.head == "gif":
         if args.unpg is not None:
             raise ConfigError("--unpg wraps a softmax-family head, not gif")
-        return {"joint": args.gif_joint, **({} if args.v is None else {"v": args.v})}
-    if args.gif_joint:
-        raise ConfigError(f"--gif-joint is for --head gif, not {args.head}")
+        if args.gif_joint and args.gif_codes_only:
+            raise ConfigError("--gif-joint trains the code vectors, which --gif-codes-only leaves out")
+        return {"joint": args.gif_joint, **({} if args.v is None else {"v": args.v}),
+                **({"gamma": 0.0} if args.gif_codes_only else {})}
+    if args.gif_joint or args.gif_codes_only:
+        raise ConfigError(f"--gif-joint and --gif-codes-only are for --head gif, not {args.head}")
     return {} if args.unpg is None else {"unpg": {"k": args.unpg}}
 
 
@@ -85,6 +88,8 @@ def _add_head_flags(q: argparse.ArgumentParser, d: Config) -> None:
     q.add_argument("--unpg", type=float, metavar="K", help="wrap the head in UNPG with Tukey fence k = K")
     q.add_argument("--v", type=int, help="--head gif: vocabulary size of the random codes (default 16)")
     q.add_argument("--gif-joint", action="store_true", help="--head gif: train the code vectors too")
+    q.add_argument("--gif-codes-only", action="store_true",
+                   help="--head gif: no [N, D] code vectors (no pull term), what must fit at any N")
     q.add_argument("--device", default="cpu", help="where the step runs (bench head: where the plan probes it)")
 
 

@@ -161,13 +161,13 @@ def _random_labels(batch: int, num_classes: int, device: torch.device) -> Iterat
 
 def _build_params(head: str, num_classes: int, embedding_size: int, sample_rate: float, head_params: dict) -> dict:
     """What the head is built with: GIF's random distinct codes and code vectors (vocabulary head_params' v,
-    default GIF_VOCABULARY) made in memory, else the PartialFC rate."""
+    default GIF_VOCABULARY) made in memory (no code vectors when gamma is 0), else the PartialFC rate."""
     if head != "gif":
         return {**head_params, "sample_rate": sample_rate}
     if sample_rate != 1.0:
         raise ConfigError(f"bench head-step --sample-rate {sample_rate}: gif has no class centres to sample")
     v = head_params.get("v", GIF_VOCABULARY)
-    codes, vectors = random_gif_codes(num_classes, v, embedding_size)
+    codes, vectors = random_gif_codes(num_classes, v, embedding_size, with_vectors=head_params.get("gamma") != 0)
     return {**head_params, "v": v, "codes": codes, "code_vectors": vectors}
 
 

@@ -116,15 +116,16 @@ def head_step_parts(head: str, num_classes: int, batch: int, embedding_size: int
         return build_parts(cfg, num_classes, device)
 
 
-def random_gif_codes(identities: int, v: int, dim: int, seed: int = 0,
-                     length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def random_gif_codes(identities: int, v: int, dim: int, seed: int = 0, length: int | None = None,
+                     with_vectors: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Distinct random codes [N, l] < v (l: the shortest that fits N, or `length`) and random unit code vectors
-    [N, dim]: what a GIF step costs does not depend on the codes' look-alike structure."""
+    [N, dim] (None without `with_vectors`): what a GIF step costs does not depend on the codes' look-alike
+    structure."""
     length = code_length(identities, v) if length is None else length
     gen = torch.Generator().manual_seed(seed)
     keys = torch.randperm(v**length, generator=gen)[:identities]
     codes = keys[:, None] // v ** torch.arange(length - 1, -1, -1) % v
-    return codes, F.normalize(torch.randn(identities, dim, generator=gen), dim=1)
+    return codes, F.normalize(torch.randn(identities, dim, generator=gen), dim=1) if with_vectors else None
 
 
 def _held_tensors(parts: StepParts) -> Iterator[torch.Tensor]:
@@ -237,7 +238,8 @@ def _probe(head: str, optimizer: str, params_json: str, probe: tuple[int, int, i
     params, classes_of = json.loads(params_json), json.loads(sizes_json)
     classes, batch, dim = probe
     if head == "gif":
-        codes, vectors = random_gif_codes(classes, params["v"], dim, length=params.pop("length"))
+        codes, vectors = random_gif_codes(classes, params["v"], dim, length=params.pop("length"),
+                                          with_vectors=params.get("gamma") != 0)
         params.update(codes=codes, code_vectors=vectors)
     torch.manual_seed(0)
     dev = torch.device(device)
