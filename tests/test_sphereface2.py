@@ -1,4 +1,5 @@
-"""SphereFace2 against a float64 transcription of its formula, bias init, shards, sampling and a short training run."""
+"""SphereFace2 against a float64 transcription of its formula and against its former plain-autograd forward (the
+fused loss function), bias init, shards, sampling and a short training run."""
 
 import json
 import math
@@ -10,12 +11,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from faceforge.distributed import shutdown
 from faceforge.engine.optim import param_groups
 from faceforge.errors import ConfigError
 from faceforge.heads import ClassShard, SphereFace2, build_head
+from faceforge.heads import sphereface2_loss
 from faceforge.heads.sphereface2 import initial_bias
+from faceforge.heads.sphereface2_loss import adjust, positive_cosine, softplus
 
 B, D, N = 6, 5, 7
 
@@ -98,6 +102,95 @@ def test_loss_and_gradients_match_transcription(variant, detach):
     assert head.bias.grad.item() == pytest.approx(gb, rel=1e-6)
 
 
+def _plain_autograd(head, embeddings, labels):
+    """The head's forward as it was before the fused loss function: plain autograd over [B, C] tensors (cosines,
+    one-hot mask, adjusted cosines, logits, coefficients, softplus terms). Per-sample loss and accuracy."""
+    weight, labels, shard, sample = head.step_centres(labels)
+    x = F.normalize(embeddings, dim=1)
+    cos = (x @ F.normalize(weight, dim=1).t()).clamp(-1.0, 1.0)
+    local, owned = shard.local_labels(labels)
+    onehot = torch.zeros_like(cos, dtype=torch.bool).scatter_(1, local[:, None], owned[:, None])
+    if head.variant == "C":
+        adjusted = adjust(cos, head.t) + head.m * (1.0 - 2.0 * onehot.to(cos.dtype))
+    else:
+        target = adjust(positive_cosine(cos.gather(1, local[:, None]), head.variant, head.m), head.t)
+        adjusted = torch.where(onehot, target, adjust(cos, head.t))
+    if head.detach_adjust:
+        adjusted = cos + (adjusted - cos).detach()
+    logits = head.r * adjusted + head.shared_bias()
+    positive = onehot.to(cos.dtype)
+    coef = head.lam * positive + (1.0 - head.lam) * (1.0 - positive)
+    if sample is not None:
+        factor = sample.others / sample.kept_others
+        coef = coef * (1.0 + (factor - 1.0) * (~sample.positive).to(coef.dtype))
+    terms = coef * softplus(logits * (1.0 - 2.0 * positive))
+    acc = ((cos.gather(1, local[:, None]).squeeze(1) * owned) >= cos.amax(dim=1)).float().mean()
+    return (head.lw / head.r) * terms.sum(dim=1), acc
+
+
+def _loss_and_grads(head, emb, labels, forward):
+    """Per-sample loss, accuracy and the gradients of the mean loss in the embeddings, the centres this step used
+    (the sampled block under sampling) and the bias; the sampling RNG seeded alike for every `forward`."""
+    torch.manual_seed(7)
+    head.zero_grad()
+    e = emb.clone().requires_grad_(True)
+    per_sample, acc = forward(head, e, labels)
+    per_sample.mean().backward()
+    centres = head.sampled_blocks().get("weight", (None, head.weight))[1]
+    return per_sample.detach(), acc, e.grad, centres.grad, head.bias.grad.clone()
+
+
+def _fused(head, emb, labels):
+    out = head(emb, labels)
+    return out.per_sample_loss, out.metrics["acc"]
+
+
+@pytest.mark.parametrize("chunk", [None, 3], ids=["one-chunk", "3-columns"])
+@pytest.mark.parametrize("variant, detach, rate, shard", [
+    ("C", False, 1.0, None), ("C", True, 1.0, None), ("A", True, 1.0, None), ("A", False, 1.0, None),
+    ("M", True, 1.0, None), ("M", False, 1.0, None), ("C", False, 0.3, None), ("M", True, 0.3, None),
+    ("A", False, 1.0, (5, 11)), ("C", False, 0.4, (5, 11)),
+])
+def test_fused_loss_equals_plain_autograd(variant, detach, rate, shard, chunk, monkeypatch):
+    """Float64, so that the two summation orders agree to ~1e-16 relative; 1e-10 leaves room for any CPU's."""
+    b, n = 8, 23
+    if chunk is not None:
+        monkeypatch.setattr(sphereface2_loss, "CHUNK_ELEMENTS", b * chunk)  # ragged last chunk: 23 = 7·3 + 2
+    torch.manual_seed(0)
+    shard = None if shard is None else ClassShard(shard[0], shard[1])
+    head = SphereFace2(D, n, variant=variant, r=16.0, detach_adjust=detach, sample_rate=rate, shard=shard).double()
+    emb, labels = _data(8, b=b, n=n)
+    labels[:2] = torch.tensor([5, 9])  # rows whose class lives in the shard (5..15), whatever the draw
+    fused, plain = (_loss_and_grads(head, emb, labels, f) for f in (_fused, _plain_autograd))
+    for got, want in zip(fused, plain):
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant, detach", CASES)
+def test_fused_loss_at_cos_plus_and_minus_one_equals_plain_autograd(variant, detach):
+    torch.manual_seed(0)
+    head = SphereFace2(D, N, variant=variant, r=64.0, detach_adjust=detach).double()
+    w = head.weight.detach()
+    emb = torch.stack([w[0], -w[1], w[2], -w[3]])
+    labels = torch.tensor([0, 1, 4, 5])  # target cos = 1, target cos = -1, a negative at cos = +-1
+    fused, plain = (_loss_and_grads(head, emb, labels, f) for f in (_fused, _plain_autograd))
+    for got, want in zip(fused, plain):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-10, atol=1e-12)
+
+
+def test_fused_loss_with_embeddings_shorter_than_normalize_eps_equals_plain_autograd():
+    """F.normalize divides by max(|x|, 1e-12), so no gradient flows through the norm of a shorter row."""
+    torch.manual_seed(0)
+    head = SphereFace2(D, N, r=16.0).double()
+    emb, labels = _data(9)
+    emb[0] *= 1e-13 / emb[0].norm()
+    emb[1] = 0.0
+    fused, plain = (_loss_and_grads(head, emb, labels, f) for f in (_fused, _plain_autograd))
+    for got, want in zip(fused, plain):
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-10, atol=1e-12)
+
+
 def test_paper_scale_loss_matches_transcription():
     head = SphereFace2(D, N).double()
     emb, labels = _data(1)
@@ -170,7 +263,9 @@ def test_fp32_under_autocast():
     emb, labels = _data(4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = head(emb.to(torch.bfloat16), labels)
-    assert out.per_sample_loss.dtype == torch.float32 and out.logits_for_metrics.dtype == torch.float32
+    assert out.per_sample_loss.dtype == torch.float32 and out.logits_for_metrics is None
+    # the bf16 embeddings widened, then every step in fp32: a bf16 step would be off by ~1e-2
+    torch.testing.assert_close(out.per_sample_loss, head(emb.to(torch.bfloat16).float(), labels).per_sample_loss)
 
 
 def _whole_and_parts(variant, split):
@@ -245,8 +340,8 @@ def test_negative_sampling_is_unbiased():
     sampled.load_state_dict(full.state_dict())
     torch.manual_seed(0)
     kept = len(set(labels.tolist()))
-    out = sampled(emb, labels)
-    assert out.logits_for_metrics.shape == (4, kept + math.ceil(rate * (n - kept)))
+    sampled(emb, labels)
+    assert sampled.sampled_blocks()["weight"].block.shape == (kept + math.ceil(rate * (n - kept)), D)
     draws = torch.stack([sampled(emb, labels).per_sample_loss.detach() for _ in range(2000)])
     mean, stderr = draws.mean(0), draws.std(0) / math.sqrt(len(draws))
     assert (stderr > 0).all()

@@ -1,42 +1,26 @@
 """SphereFace2 (Wen et al., ICLR 2022): N one-vs-all binary classifiers on the hypersphere with one shared bias.
 
 The loss is a sum of independent per-class terms, so a class shard computes its own part and the shards only
-sum scalars per sample; no partition function is reduced across ranks.
+sum scalars per sample; no partition function is reduced across ranks. The loss over a shard's centres is one
+autograd function (sphereface2_loss.py) that keeps only the cosines [B, C] for backward.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from faceforge import distributed
 from faceforge.errors import ConfigError
 from faceforge.heads.base import CentreHead, HeadOutput
-from faceforge.heads.centres import ClassSample, ClassShard, angle, class_sum, target_mask, top1_accuracy
+from faceforge.heads.centres import ClassSample, ClassShard, class_max, class_sum
+from faceforge.heads.sphereface2_loss import OneVsAll, adjust, one_vs_all_terms, positive_cosine
 from faceforge.registry import HEADS
 from faceforge.runtime import at_least_fp32, fp32_only
 
 DEFAULT_MARGIN = {"C": 0.4, "A": 0.5, "M": 1.7}
-
-Scalar = TypeVar("Scalar", float, torch.Tensor)
-
-
-def adjust(z: Scalar, t: float) -> Scalar:
-    """Similarity adjustment g(z) = 2((z+1)/2)^t − 1: maps [−1, 1] onto itself; t = 1 is the identity."""
-    return 2.0 * ((z + 1.0) / 2.0) ** t - 1.0
-
-
-def positive_cosine(cos_y: Scalar, variant: str, m: float) -> Scalar:
-    """The positive's margined cosine for A (cos(min(θ + m, π))) and M (cos(min(m·θ, π)))."""
-    if isinstance(cos_y, torch.Tensor):
-        theta = angle(cos_y)
-        return torch.cos((theta + m if variant == "A" else theta * m).clamp(max=math.pi))
-    theta = math.acos(cos_y)
-    return math.cos(min(theta + m if variant == "A" else theta * m, math.pi))
 
 
 def initial_bias(variant: str, num_classes: int, lam: float, r: float, m: float, t: float) -> float:
@@ -50,11 +34,6 @@ def initial_bias(variant: str, num_classes: int, lam: float, r: float, m: float,
         a_p, a_n = r * adjust(positive_cosine(0.0, variant, m), t), r * adjust(0.0, t)
     z = lam / ((1.0 - lam) * (num_classes - 1))
     return math.log(2.0 * z) - a_n - math.log(1.0 - z + math.sqrt((1.0 - z) ** 2 + 4.0 * z * math.exp(a_p - a_n)))
-
-
-def softplus(x: torch.Tensor) -> torch.Tensor:
-    """log(1 + e^x) without overflow and without torch's linear cut-off at x > 20 (exact in float64)."""
-    return torch.logaddexp(x, x.new_zeros(()))
 
 
 def _check_params(variant: str, num_classes: int, lam: float, r: float, t: float, lw: float) -> None:
@@ -110,21 +89,14 @@ class SphereFace2(CentreHead):
         b = at_least_fp32(self.bias)
         return distributed.sum_grad_over_ranks(b, self.shard.group)
 
-    def logits(self, cos: torch.Tensor, onehot: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        """Binary logits s = r·(adjusted cosine) + b, the target column margined as the variant says."""
-        if self.variant == "C":
-            adjusted = adjust(cos, self.t) + self.m * (1.0 - 2.0 * onehot.to(cos.dtype))
-        else:
-            target = adjust(positive_cosine(cos.gather(1, local[:, None]), self.variant, self.m), self.t)
-            adjusted = torch.where(onehot, target, adjust(cos, self.t))
-        if self.detach_adjust:
-            adjusted = cos + (adjusted - cos).detach()
-        return self.r * adjusted + self.shared_bias()
+    def loss_spec(self) -> OneVsAll:
+        """The settings the loss function reads, as they are now."""
+        return OneVsAll(self.variant, self.lam, self.r, self.m, self.t, self.detach_adjust)
 
-    def coefficients(self, positive: torch.Tensor, sample: ClassSample | None) -> torch.Tensor:
-        """Each term's weight from the 0/1 target matrix: λ for the positive, 1 − λ for a negative, times
-        others / kept for a sampled negative."""
-        coef = self.lam * positive + (1.0 - self.lam) * (1.0 - positive)
+    def negative_coefficients(self, like: torch.Tensor, count: int, sample: ClassSample | None) -> torch.Tensor:
+        """Each column's weight [count] as a negative: 1 − λ, times others / kept for a sampled negative (a column
+        that no label forced in); a positive weighs λ."""
+        coef = like.new_full((count,), 1.0 - self.lam)
         if sample is None:
             return coef
         factor = sample.others / sample.kept_others
@@ -134,18 +106,18 @@ class SphereFace2(CentreHead):
         self.check_input(embeddings, labels)
         with fp32_only(embeddings.device):
             weight, labels, shard, sample = self.step_centres(labels)
-            x = F.normalize(at_least_fp32(embeddings), dim=1)
-            cos = (x @ F.normalize(at_least_fp32(weight), dim=1).t()).clamp(-1.0, 1.0)
-            onehot = target_mask(cos, labels, shard)
-            logits = self.logits(cos, onehot, shard.local_labels(labels)[0])
-            positive = onehot.to(cos.dtype)
-            terms = self.coefficients(positive, sample) * softplus(logits * (1.0 - 2.0 * positive))
-            per_sample = (self.lw / self.r) * class_sum(terms, shard)
-            acc = top1_accuracy(cos, labels, shard)
+            x, weight = at_least_fp32(embeddings), at_least_fp32(weight)
+            local, owned = shard.local_labels(labels)
+            rows, row_max, target_cos = one_vs_all_terms(
+                x, weight, self.shared_bias(), local, owned, self.negative_coefficients(x, shard.count, sample),
+                self.loss_spec(),
+            )
+            per_sample = (self.lw / self.r) * class_sum(rows[:, None], shard)  # the shards' row sums, summed
+            target = distributed.sum_over_ranks(target_cos, shard.group)
+            acc = (target >= class_max(row_max[:, None], shard)).float().mean()
         return HeadOutput(
             loss=per_sample.mean(),
             per_sample_loss=per_sample,
-            logits_for_metrics=logits,
             metrics={"acc": acc, "bias": self.bias.detach().clone()},
         )
 
