@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from faceforge.errors import ConfigError
 from faceforge.heads import ArcFace, CombinedMargin, CosFace, Softmax, build_head
+from faceforge.heads.base import softmax_cross_entropy
 
 B, D, N = 6, 5, 7
 
@@ -118,8 +119,10 @@ def test_fp32_logits_under_autocast():
     emb, labels = _data(4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = head(emb.to(torch.bfloat16), labels)
-    assert out.per_sample_loss.dtype == torch.float32
-    assert out.logits_for_metrics.dtype == torch.float32
+    assert out.per_sample_loss.dtype == torch.float32 and out.softmax.entropy().dtype == torch.float32
+    assert out.logits_for_metrics is None  # nothing [B, C] outlives the step
+    # Full fp32 inside: the bf16 embeddings get the fp32 loss of the same values (a bf16 matmul is ~1e-2 off).
+    torch.testing.assert_close(out.per_sample_loss, head(emb.to(torch.bfloat16).float(), labels).per_sample_loss)
 
 
 def test_contract_and_registry():
@@ -156,10 +159,14 @@ def test_softmax_view_matches_torch_softmax():
     p = torch.softmax(logits, dim=1)
     assert torch.allclose(out.softmax.target_prob(), p.gather(1, y[:, None]).squeeze(1))
     assert torch.allclose(out.softmax.entropy(), -(p * p.log()).sum(dim=1))
-    extra = torch.randn(6, 1, dtype=torch.float64)
-    full = torch.softmax(torch.cat([logits, extra], dim=1), dim=1)
-    view = type(out.softmax)(logits, y, head.shard, extra)
-    assert torch.allclose(view.entropy(), -(full * full.log()).sum(dim=1))
+    assert all(t.shape == (6,) and not t.requires_grad for t in vars(out.softmax).values())  # rows, not logits
+    extra = torch.randn(6, 2, dtype=torch.float64)
+    full_logits = torch.cat([logits, extra], dim=1)
+    full = torch.softmax(full_logits, dim=1)
+    merged = softmax_cross_entropy(*head.rows(x, y), extra)
+    assert torch.allclose(merged.softmax.entropy(), -(full * full.log()).sum(dim=1))
+    assert torch.allclose(merged.softmax.target_prob(), full.gather(1, y[:, None]).squeeze(1))
+    torch.testing.assert_close(merged.per_sample_loss, F.cross_entropy(full_logits, y, reduction="none"))
 
 
 def test_sampled_softmax_keeps_positives_and_trains_on_the_sample_only():

@@ -12,9 +12,8 @@ import torch
 from torch import nn
 
 from faceforge.errors import ConfigError
-from faceforge.heads.centres import (
-    ClassShard, SampledBlock, SoftmaxView, StepCentres, class_logsumexp, pick_target, sample_classes, top1_accuracy,
-)
+from faceforge.heads.centres import ClassShard, SampledBlock, SoftmaxView, StepCentres, sample_classes
+from faceforge.heads.margin_loss import MarginSpec, SoftmaxRows, class_rows, shard_rows
 from faceforge.runtime import fp32_only
 
 
@@ -22,7 +21,9 @@ from faceforge.runtime import fp32_only
 class HeadOutput:
     """What every head returns; the trainer minimises mean(sample_weights * per_sample_loss).
 
-    `softmax` is set by heads whose loss is a softmax cross-entropy over the classes (what SDE reads).
+    `softmax` is set by heads whose loss is a softmax cross-entropy over the classes (what SDE reads), as row
+    statistics. `logits_for_metrics` is a head's [B, C] scores where it keeps them anyway (SphereFace2); the
+    softmax family's fused loss keeps none past the step, so theirs is None (`SoftmaxHead.logits` computes them).
     `metrics` values may be 0-dim tensors still on the device: the trainer reads them to the host together, and
     only on the steps it logs, so that a step needs no host synchronisation.
     """
@@ -34,17 +35,17 @@ class HeadOutput:
     softmax: SoftmaxView | None = None
 
 
-def softmax_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, shard: ClassShard, extra: torch.Tensor | None = None
-) -> HeadOutput:
-    """Cross-entropy over all classes (plus optional extra log-terms [B, k] that are never targets)."""
-    per_sample = class_logsumexp(logits, shard, extra) - pick_target(logits, labels, shard)
+def softmax_cross_entropy(rows: SoftmaxRows, shard: ClassShard, extra: torch.Tensor | None = None) -> HeadOutput:
+    """Cross-entropy over all classes (plus optional extra log-terms [B, k] that are never targets) from this
+    shard's row statistics: what crosses shards are [B] vectors, and no [B, C] tensor outlives the step."""
+    whole = class_rows(rows, shard, extra)
+    per_sample = whole.lse - whole.target
+    target = whole.target.detach()
     return HeadOutput(
         loss=per_sample.mean(),
         per_sample_loss=per_sample,
-        logits_for_metrics=logits,
-        metrics={"acc": top1_accuracy(logits, labels, shard)},
-        softmax=SoftmaxView(logits, labels, shard, extra),
+        metrics={"acc": (target >= whole.row_max).float().mean()},
+        softmax=SoftmaxView(whole.lse.detach(), target, whole.mean_logit),
     )
 
 
@@ -129,13 +130,18 @@ class SoftmaxHead(CentreHead, abc.ABC):
     """The declared softmax-head interface: logits over the class centres and a softmax cross-entropy loss.
 
     What wrappers and regularizers may rely on: `s`, the scale of the logits over a cosine (1 for unnormalised
-    logits); `scores(embeddings, labels) -> (logits, labels, shard)`, this step's logits with the labels and
-    shard they are relative to (a sampled subset in training); `schedule_metrics()`, host numbers the head's
-    schedule is at (a margin warm-up), logged with every step. A subclass writes `class_logits`.
+    logits); `rows(embeddings, labels) -> (rows, shard)`, this step's per-row statistics (margin_loss.shard_rows,
+    over a sampled subset in training) with the shard they are relative to; `schedule_metrics()`, host numbers
+    the head's schedule is at (a margin warm-up), logged with every step. A subclass writes `margin_spec`, what
+    the fused loss computes, and `class_logits`, the same logits with plain autograd ops (evaluation, GIF).
     """
 
     gives_softmax = True
     s: float = 1.0
+
+    @abc.abstractmethod
+    def margin_spec(self) -> MarginSpec:
+        """The fused loss's scale, margins (at the current training progress) and normalisation."""
 
     @abc.abstractmethod
     def class_logits(
@@ -147,12 +153,10 @@ class SoftmaxHead(CentreHead, abc.ABC):
         """Logits against every centre of this shard."""
         return self.class_logits(embeddings, self.weight, labels, self.shard)
 
-    def scores(
-        self, embeddings: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, ClassShard]:
-        """This step's logits with the labels and shard they are relative to (a sampled subset in training)."""
+    def rows(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[SoftmaxRows, ClassShard]:
+        """This step's per-row statistics over its centres (a sampled subset in training) and their shard."""
         weight, labels, shard, _ = self.step_centres(labels)
-        return self.class_logits(embeddings, weight, labels, shard), labels, shard
+        return shard_rows(embeddings, weight, labels, shard, self.margin_spec()), shard
 
     def schedule_metrics(self) -> dict[str, float]:
         return {}
@@ -160,7 +164,7 @@ class SoftmaxHead(CentreHead, abc.ABC):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
         self.check_input(embeddings, labels)
         with fp32_only(embeddings.device):
-            out = softmax_cross_entropy(*self.scores(embeddings, labels))
+            out = softmax_cross_entropy(*self.rows(embeddings, labels))
         out.metrics.update(self.schedule_metrics())
         return out
 

@@ -76,6 +76,14 @@ def angle(cos: torch.Tensor) -> torch.Tensor:
     return torch.acos(cos.clamp(-1.0 + _ACOS_EPS, 1.0 - _ACOS_EPS))
 
 
+def angle_slope(cos: torch.Tensor) -> torch.Tensor:
+    """dθ/dcos of `angle` (what autograd gives, for heads that write their gradient): −1/√(1 − cos²) inside the
+    clamp, 0 where the clamp holds θ constant."""
+    lo, hi = -1.0 + _ACOS_EPS, 1.0 - _ACOS_EPS
+    c = cos.clamp(lo, hi)
+    return torch.where((cos >= lo) & (cos <= hi), -torch.rsqrt(1.0 - c * c), torch.zeros_like(c))
+
+
 def sample_classes(shard: ClassShard, labels: torch.Tensor, rate: float) -> ClassSample | None:
     """PartialFC sampling: every class that a label in the batch needs plus a random `rate` fraction of the other
     classes of this shard; None when nothing would be left out (at rate 1 without touching the labels)."""
@@ -141,30 +149,18 @@ def top1_accuracy(values: torch.Tensor, labels: torch.Tensor, shard: ClassShard)
 
 @dataclass
 class SoftmaxView:
-    """A head's softmax over all classes (this shard's logits + cross-shard reductions), read without gradient.
+    """A head's softmax over all classes (and UNPG's extra outcomes, merged), as per-row statistics [B] without
+    gradient: the log-partition, the target's logit and the mean logit Σ p·logit. Rows only, so that nothing of
+    the [B, C] logits outlives the step."""
 
-    `extra` [B, k] holds log-terms outside the classes (UNPG's negatives, merged); they count as k more outcomes.
-    """
+    log_partition: torch.Tensor
+    target_logit: torch.Tensor
+    mean_logit: torch.Tensor
 
-    logits: torch.Tensor
-    labels: torch.Tensor
-    shard: ClassShard
-    extra: torch.Tensor | None = None
-
-    @torch.no_grad()
-    def log_partition(self) -> torch.Tensor:
-        return class_logsumexp(self.logits, self.shard, self.extra)
-
-    @torch.no_grad()
     def target_prob(self) -> torch.Tensor:
         """p(label | x) [B] as a float."""
-        return torch.exp(pick_target(self.logits, self.labels, self.shard) - self.log_partition())
+        return torch.exp(self.target_logit - self.log_partition)
 
-    @torch.no_grad()
     def entropy(self) -> torch.Tensor:
-        """Shannon entropy [B] of each row's softmax, in nats."""
-        lse = self.log_partition()
-        mean_logit = class_sum(torch.exp(self.logits - lse[:, None]) * self.logits, self.shard)
-        if self.extra is not None:
-            mean_logit = mean_logit + (torch.exp(self.extra - lse[:, None]) * self.extra).sum(dim=1)
-        return lse - mean_logit
+        """Shannon entropy [B] of each row's softmax, in nats: log Z − Σ p·logit."""
+        return self.log_partition - self.mean_logit

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from faceforge.errors import ConfigError
 from faceforge.heads.base import SoftmaxHead
-from faceforge.heads.centres import ClassShard, angle, pick_target, replace_target
+from faceforge.heads.centres import ClassShard, pick_target, replace_target
+from faceforge.heads.margin_loss import MarginSpec
 from faceforge.registry import HEADS
 from faceforge.runtime import at_least_fp32
 
@@ -24,6 +25,10 @@ class Softmax(SoftmaxHead):
         self, embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, shard: ClassShard
     ) -> torch.Tensor:
         return at_least_fp32(embeddings) @ at_least_fp32(weight).t()
+
+    def margin_spec(self) -> MarginSpec:
+        """Raw products x·w, s = 1, no margin."""
+        return MarginSpec()
 
 
 class CombinedMargin(Softmax):
@@ -67,17 +72,13 @@ class CombinedMargin(Softmax):
         w = F.normalize(at_least_fp32(self.weight if weight is None else weight), dim=1)
         return (x @ w.t()).clamp(-1.0, 1.0)
 
-    def target_margin(self, cos_target: torch.Tensor) -> torch.Tensor:
-        """cos(m1·θ + m2) − m3 of the target cosines, with arccos kept away from ±1."""
+    def margin_spec(self) -> MarginSpec:
         m1, m2, m3 = self.margins()
-        if m1 == 1.0 and m2 == 0.0:
-            out = cos_target - m3
-        else:
-            theta = angle(cos_target)
-            out = torch.cos(m1 * theta + m2) - m3
-        if self.straight_through:
-            out = cos_target + (out - cos_target).detach()
-        return out
+        return MarginSpec(self.s, m1, m2, m3, normalize=True, straight_through=self.straight_through)
+
+    def target_margin(self, cos_target: torch.Tensor) -> torch.Tensor:
+        """cos(m1·θ + m2) − m3 of the target cosines, with arccos kept away from ±1 (MarginSpec.target)."""
+        return self.margin_spec().target(cos_target)
 
     def margined_cosines(
         self, cos: torch.Tensor, labels: torch.Tensor, shard: ClassShard | None = None

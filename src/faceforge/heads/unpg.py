@@ -100,11 +100,11 @@ class UNPG(Head):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
         self.check_input(embeddings, labels)
         with fp32_only(embeddings.device):
-            logits, class_labels, shard = self.base.scores(embeddings, labels)
+            rows, shard = self.base.rows(embeddings, labels)
             gram, kept, found = self.negatives(embeddings, labels)
             log_z = self.negative_log_term(gram, kept)
             extra = None if log_z is None else log_z.expand(len(labels), 1)
-            out = softmax_cross_entropy(logits, class_labels, shard, extra)
+            out = softmax_cross_entropy(rows, shard, extra)
         out.metrics["unpg_negatives"] = float(found)
         out.metrics["unpg_kept"] = kept.sum() / max(found, 1)
         out.metrics.update(self.base.schedule_metrics())
