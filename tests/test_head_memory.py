@@ -18,18 +18,18 @@ CENTRE_HEADS = [("arcface", {}), ("cosface", {}), ("softmax", {}), ("sphereface2
                 ("arcface", {"unpg": {"k": 1.5}})]
 
 
-def _tracked_step(head: str, optimizer: str, params: dict, sample_rate: float = 1.0):
+def _tracked_step(head: str, optimizer: str, params: dict, sample_rate: float = 1.0, batch: int = B):
     """(peak bytes of a real step's live tensors, its parts): the second of two steps, labels distinct."""
     torch.manual_seed(0)
     build = {**params, "sample_rate": sample_rate}
     if head == "gif":
         codes, vectors = random_gif_codes(N, params["v"], D)
         build = {**params, "codes": codes, "code_vectors": vectors}
-    parts = head_step_parts(head, N, B, D, optimizer, torch.device("cpu"), build)
+    parts = head_step_parts(head, N, batch, D, optimizer, torch.device("cpu"), build)
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(1))
-    images = torch.zeros(B, 1)
-    train_step(parts, images, perm[:B])
-    return track_step(parts, images, perm[B:2 * B]).peak, parts
+    images = torch.zeros(batch, 1)
+    train_step(parts, images, perm[:batch])
+    return track_step(parts, images, perm[batch:2 * batch]).peak, parts
 
 
 def _ratio(plan: dict, tracked: int) -> float:
@@ -68,17 +68,17 @@ def _without(sizes, term):
     return dropped
 
 
-@pytest.mark.parametrize("head,params,sample_rate,optimizer,sizes,term", [
-    ("arcface", {}, 1.0, "sgd", "_centre_sizes", "logits"),
-    ("arcface", {}, 1.0, "sgd", "_centre_sizes", "class_rows"),
-    ("softmax", {}, 0.5, "adamw", "_centre_sizes", "sampled_rows"),  # rows large enough to matter
-    ("sphereface2", {}, 0.1, "sgd", "_centre_sizes", "class_rows"),
-    ("gif", {**GIF, "joint": True}, 1.0, "adamw", "_gif_sizes", "code_vectors"),
+@pytest.mark.parametrize("head,params,sample_rate,optimizer,sizes,term,batch", [
+    ("arcface", {}, 1.0, "sgd", "_centre_sizes", "logits", 512),  # 4 bytes per logit: a batch where they matter
+    ("arcface", {}, 1.0, "sgd", "_centre_sizes", "class_rows", B),
+    ("softmax", {}, 0.5, "adamw", "_centre_sizes", "sampled_rows", B),  # rows large enough to matter
+    ("sphereface2", {}, 0.1, "sgd", "_centre_sizes", "class_rows", B),
+    ("gif", {**GIF, "joint": True}, 1.0, "adamw", "_gif_sizes", "code_vectors", B),
 ])
-def test_a_plan_missing_a_term_is_off(monkeypatch, head, params, sample_rate, optimizer, sizes, term):
-    tracked, _ = _tracked_step(head, optimizer, params, sample_rate)
+def test_a_plan_missing_a_term_is_off(monkeypatch, head, params, sample_rate, optimizer, sizes, term, batch):
+    tracked, _ = _tracked_step(head, optimizer, params, sample_rate, batch)
     monkeypatch.setattr(head_memory, sizes, _without(getattr(head_memory, sizes), term))
-    plan = plan_head_memory(N, 1, B, D, optimizer, sample_rate, head, head_params=params)
+    plan = plan_head_memory(N, 1, batch, D, optimizer, sample_rate, head, head_params=params)
     assert not 0.9 <= _ratio(plan, tracked) <= 1.1, (term, plan, tracked)
 
 
