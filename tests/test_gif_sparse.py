@@ -61,7 +61,7 @@ def _dense_sum_then_restore(p: StepParts, loss: torch.Tensor, grad_norm: torch.T
     state = p.optimizer.state.get(w, {})
     old = {k: v[rest].clone() for k, v in state.items() if is_class_rows(v, w)}
     weights = w.detach()[rest].clone()
-    skipped = step_module._guarded_step(p, loss, grad_norm)
+    skipped, _ = step_module._guarded_step(p, loss, grad_norm)
     w.data[rest] = weights
     for k, v in p.optimizer.state[w].items():
         if is_class_rows(v, w):

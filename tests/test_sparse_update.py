@@ -67,7 +67,7 @@ def _dense_then_restore(p: StepParts, loss: torch.Tensor, grad_norm: torch.Tenso
         state = p.optimizer.state.get(w, {})
         old = {k: v[rest].clone() for k, v in state.items() if is_class_rows(v, w)}
         saved.append((w, rest, w.detach()[rest].clone(), old))
-    skipped = step_module._guarded_step(p, loss, grad_norm)
+    skipped, _ = step_module._guarded_step(p, loss, grad_norm)
     for w, rest, weights, old in saved:
         w.data[rest] = weights
         for k, v in p.optimizer.state.get(w, {}).items():

@@ -94,8 +94,9 @@ def _nonfinite(loss: torch.Tensor, grad_norm: torch.Tensor | None, par: Parallel
     return bad.to(loss.device)
 
 
-def _guarded_step(p: StepParts, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
-    """optimizer.step() unless the step must be skipped; returns whether it was, as a 0-dim device bool.
+def _guarded_step(p: StepParts, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> tuple[torch.Tensor, bool | None]:
+    """optimizer.step() unless the step must be skipped; returns whether it was, as a 0-dim device bool, and as a
+    host bool where the step had to read it anyway (None: known on the device only).
 
     fp16: the GradScaler skips on overflowing gradients (a non-finite loss gives non-finite gradients; DDP's
     all-reduce spreads them to every rank), and that skip is counted too. Otherwise a fused optimizer takes the
@@ -105,7 +106,7 @@ def _guarded_step(p: StepParts, loss: torch.Tensor, grad_norm: torch.Tensor | No
     if p.scaler.is_enabled():
         found = sum(p.scaler._found_inf_per_device(opt).values())  # filled by unscale_ in train_step
         p.scaler.step(opt)
-        return found > 0
+        return found > 0, None
     bad = _nonfinite(loss, grad_norm, p.par)
     if getattr(opt, "_step_supports_amp_scaling", False):
         opt.grad_scale, opt.found_inf = None, bad.float()
@@ -113,9 +114,11 @@ def _guarded_step(p: StepParts, loss: torch.Tensor, grad_norm: torch.Tensor | No
             opt.step()
         finally:
             del opt.grad_scale, opt.found_inf
-    elif not bool(bad):
+        return bad, None
+    on_host = bool(bad)
+    if not on_host:
         opt.step()
-    return bad
+    return bad, on_host
 
 
 def _step_with_sampled_rows(p: StepParts, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
@@ -123,11 +126,12 @@ def _step_with_sampled_rows(p: StepParts, loss: torch.Tensor, grad_norm: torch.T
     sampling head used (its class parameters got no gradient, so the optimizer left them alone); a replicated
     head's rows are those of every rank, their gradients summed."""
     blocks = sampled_blocks_over_ranks(p.head, p.par)
-    skipped = _guarded_step(p, loss, grad_norm)
+    skipped, on_host = _guarded_step(p, loss, grad_norm)
     if blocks:
         # fp16: the scaler's unscale_ saw only the optimizer's parameters; the rows' gradient is still scaled.
         inv_scale = p.scaler._scale.double().reciprocal().float() if p.scaler.is_enabled() else None
-        update_sampled_rows(p.optimizer, dict(p.head.named_parameters()), blocks, skipped, inv_scale)
+        update_sampled_rows(p.optimizer, dict(p.head.named_parameters()), blocks,
+                            skipped if on_host is None else on_host, inv_scale)
     return skipped
 
 
