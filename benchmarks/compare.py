@@ -41,7 +41,7 @@ def run_one(config: Path, seed: int, runs: Path, overrides: list[str], rerun: bo
     summary_path = run_dir / "summary.json"
     if rerun or not summary_path.is_file():
         cmd = [sys.executable, "-m", "faceforge", "train", str(config), f"train.seed={seed}",
-               f"train.run_name={run_dir.name}", "train.progress_bar=false", *overrides]
+               f"train.run_name={run_dir.name}", f"train.out_dir={runs}", "train.progress_bar=false", *overrides]
         child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         _, status, usage = os.wait4(child.pid, 0)
         if os.waitstatus_to_exitcode(status) != 0:
