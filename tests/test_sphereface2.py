@@ -155,7 +155,7 @@ def test_fused_loss_equals_plain_autograd(variant, detach, rate, shard, chunk, m
     """Float64, so that the two summation orders agree to ~1e-16 relative; 1e-10 leaves room for any CPU's."""
     b, n = 8, 23
     if chunk is not None:
-        monkeypatch.setattr(sphereface2_loss, "CHUNK_ELEMENTS", b * chunk)  # ragged last chunk: 23 = 7·3 + 2
+        monkeypatch.setattr(sphereface2_loss, "CHUNK_COLUMNS", chunk)  # ragged last chunk: 23 = 7·3 + 2
     torch.manual_seed(0)
     shard = None if shard is None else ClassShard(shard[0], shard[1])
     head = SphereFace2(D, n, variant=variant, r=16.0, detach_adjust=detach, sample_rate=rate, shard=shard).double()

@@ -16,10 +16,10 @@ import torch
 from faceforge.heads.centres import angle
 from faceforge.runtime import fp32_only
 
-# Elements of one chunk of columns ([B, CHUNK_ELEMENTS // B]): a chunk's temporaries are two fp32 buffers of that
-# size (64 MiB each) and [chunk, D] ones. Large enough that a shard of 100k classes takes a handful of chunks (each
-# a few dozen kernels) at a global batch of 1024; small against that shard's [B, C] buffer (400 MiB).
-CHUNK_ELEMENTS = 2**24
+# Columns per chunk: a chunk's temporaries are two fp32 [B, CHUNK_COLUMNS] buffers and [CHUNK_COLUMNS, D] ones,
+# whatever the shard's width, so the [B, C] cosines are the only buffer that grows with the classes (what the
+# memory planner, probing a small step, then scales correctly). 1,024 columns: ~100 chunks for a 100k-class shard.
+CHUNK_COLUMNS = 1024
 _NORM_EPS = 1e-12  # F.normalize's floor on a norm
 
 Scalar = TypeVar("Scalar", float, torch.Tensor)
@@ -75,8 +75,8 @@ def _negative_logits(half: torch.Tensor, bias: torch.Tensor, spec: OneVsAll) -> 
 
 
 def _chunks(cos: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first column, view) of each block of columns of CHUNK_ELEMENTS elements (the last one may be narrower)."""
-    width = max(1, CHUNK_ELEMENTS // max(1, cos.shape[0]))
+    """(first column, view) of each block of CHUNK_COLUMNS columns (the last one may be narrower)."""
+    width = CHUNK_COLUMNS
     for start in range(0, cos.shape[1], width):
         yield start, cos[:, start:start + width]
 
