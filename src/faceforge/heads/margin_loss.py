@@ -21,16 +21,14 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from faceforge import distributed
-from faceforge.heads.centres import ClassShard, angle, angle_slope, class_logsumexp, class_max, class_sum
+from faceforge.heads.centres import (
+    NORM_EPS, ClassShard, angle, angle_slope, class_logsumexp, class_max, class_sum, unit_rows_backward_,
+)
 from faceforge.runtime import fp32_only
 
 # Columns per chunk: the largest temporaries are [B, COLUMN_CHUNK] and [COLUMN_CHUNK, D]. At a global batch of
 # 8,192 a chunk is 32 MiB, ~1/60 of a 250k-class shard's buffer, and its matmuls are still large enough for a GPU.
 COLUMN_CHUNK = 1024
-# Centres per pass of the gradient's projection (the rows' dot products, then the update with them): 128 rows of
-# 512 fp32 are 256 KiB, which stay in cache between the two; measured 2-3x faster than 1,024 rows on one core.
-_ROW_CHUNK = 128
-_NORM_EPS = 1e-12  # F.normalize's
 
 
 @dataclass(frozen=True)
@@ -85,13 +83,13 @@ def _unit_rows(v: torch.Tensor, normalize: bool = True) -> tuple[torch.Tensor, t
     if not normalize:
         return v, None
     norm = v.norm(dim=1, keepdim=True)
-    return v / norm.clamp_min(_NORM_EPS), norm
+    return v / norm.clamp_min(NORM_EPS), norm
 
 
 def _unit_rows_backward_(grad: torch.Tensor, unit: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     """In place: the gradient w.r.t. v of unit = v / max(‖v‖, eps) from the one w.r.t. unit (F.normalize's)."""
-    along = (unit * grad).sum(dim=1, keepdim=True) * (norm >= _NORM_EPS)
-    return grad.addcmul_(unit, along, value=-1.0).div_(norm.clamp_min(_NORM_EPS))
+    along = (unit * grad).sum(dim=1, keepdim=True) * (norm >= NORM_EPS)
+    return grad.addcmul_(unit, along, value=-1.0).div_(norm.clamp_min(NORM_EPS))
 
 
 def _centre_norms(centres: torch.Tensor, dtype: torch.dtype, normalize: bool) -> torch.Tensor | None:
@@ -106,7 +104,7 @@ def _products(x: torch.Tensor, centres: torch.Tensor, norms: torch.Tensor | None
     """The [B, C] buffer of cos θ (columns divided by the centres' norms, clamped to [−1, 1]) or, without norms,
     the raw products: one matmul into the buffer, nothing else of that size."""
     out = torch.mm(x, centres.to(x.dtype).t())
-    return out if norms is None else out.div_(norms.clamp_min(_NORM_EPS)).clamp_(-1.0, 1.0)
+    return out if norms is None else out.div_(norms.clamp_min(NORM_EPS)).clamp_(-1.0, 1.0)
 
 
 def _logits(embeddings, centres, local, owned, spec: MarginSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -157,16 +155,12 @@ def _product_grads(grad, embeddings, centres, norms, needs):
     projection left out where ‖w_j‖ < eps, as there)."""
     x, x_norm = _unit_rows(embeddings.to(grad.dtype), norms is not None)
     if norms is not None:
-        grad.div_(norms.clamp_min(_NORM_EPS))
+        grad.div_(norms.clamp_min(NORM_EPS))
     w = centres.to(grad.dtype)
     grad_x = torch.mm(grad, w) if needs[0] else None
     grad_w = torch.mm(grad.t(), x) if needs[1] else None
     if grad_w is not None and norms is not None:
-        projection = norms.clamp_min(_NORM_EPS).square().reciprocal_() * (norms >= _NORM_EPS)
-        for start in range(0, len(w), _ROW_CHUNK):
-            rows = slice(start, start + _ROW_CHUNK)
-            along = (w[rows] * grad_w[rows]).sum(dim=1, keepdim=True)
-            grad_w[rows].addcmul_(w[rows], along.mul_(projection[rows, None]), value=-1.0)
+        unit_rows_backward_(grad_w, w, norms.clamp_min(NORM_EPS))
     if grad_x is not None and x_norm is not None:
         grad_x = _unit_rows_backward_(grad_x, x, x_norm)
     return (None if grad_x is None else grad_x.to(embeddings.dtype),

@@ -13,14 +13,13 @@ from typing import NamedTuple, TypeVar
 
 import torch
 
-from faceforge.heads.centres import angle
+from faceforge.heads.centres import NORM_EPS, angle, unit_rows_backward_
 from faceforge.runtime import fp32_only
 
 # Columns per chunk: a chunk's temporaries are two fp32 [B, CHUNK_COLUMNS] buffers and [CHUNK_COLUMNS, D] ones,
 # whatever the shard's width, so the [B, C] cosines are the only buffer that grows with the classes (what the
 # memory planner, probing a small step, then scales correctly). 1,024 columns: ~100 chunks for a 100k-class shard.
 CHUNK_COLUMNS = 1024
-_NORM_EPS = 1e-12  # F.normalize's floor on a norm
 
 Scalar = TypeVar("Scalar", float, torch.Tensor)
 
@@ -92,21 +91,14 @@ def _put_target(
     values.scatter_(1, at, torch.where(hit[:, None], target, values.gather(1, at)))
 
 
-def _unit_backward(v: torch.Tensor, norm: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:
-    """Gradient w.r.t. rows v of v / norm (norm = max(|v|, eps), as F.normalize), given `scaled`, the gradient
-    w.r.t. the unit rows divided by norm; written into `scaled`."""
-    along = torch.linalg.vecdot(v, scaled) / norm**2 * (norm > _NORM_EPS)
-    return scaled.addcmul_(v, along[:, None], value=-1.0)
-
-
 class _OneVsAllTerms(torch.autograd.Function):
     """Per-row sum of the weighted softplus terms over this shard's columns, with the rows' max cosine and target
     cosine (no gradient) for accuracy. Keeps the raw cosines [B, C] for backward and recomputes the rest."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, local, owned, negative_weight, spec):
-        x_norm = torch.linalg.vector_norm(x, dim=1).clamp_min(_NORM_EPS)
-        w_norm = torch.linalg.vector_norm(weight, dim=1).clamp_min(_NORM_EPS)
+        x_norm = torch.linalg.vector_norm(x, dim=1).clamp_min(NORM_EPS)
+        w_norm = torch.linalg.vector_norm(weight, dim=1).clamp_min(NORM_EPS)
         cos = torch.mm(x / x_norm[:, None], weight.t()).div_(w_norm)
         target = cos.gather(1, local[:, None]).squeeze(1)
         rows = positive_term(target, bias, spec) * owned
@@ -133,9 +125,10 @@ class _OneVsAllTerms(torch.autograd.Function):
                 _put_target(d_cos, start, local, owned, d_target[:, None])
                 d_cos.div_(w_norm[start:end])
                 grad_x_unit.addmm_(d_cos, weight[start:end])
-                _unit_backward(weight[start:end], w_norm[start:end], torch.mm(d_cos.t(), x_unit, out=grad_w[start:end]))
+                unit_rows_backward_(torch.mm(d_cos.t(), x_unit, out=grad_w[start:end]), weight[start:end],
+                                    w_norm[start:end])
                 del d_cos  # the next chunk's buffers then replace this one's instead of adding to them
-            grad_x = _unit_backward(x, x_norm, grad_x_unit.div_(x_norm[:, None]))
+            grad_x = unit_rows_backward_(grad_x_unit.div_(x_norm[:, None]), x, x_norm)
         return grad_x, grad_w, grad_bias.reshape(bias.shape), None, None, None, None
 
 
@@ -160,7 +153,7 @@ def _target_grads(cos, bias, local, owned, grad_rows, spec) -> tuple[torch.Tenso
 def _chunk_grads(chunk, start, bias, negative_weight, local, owned, spec) -> tuple[torch.Tensor, torch.Tensor]:
     """A chunk's negatives: ∂terms/∂(raw cosine) [B, chunk] and each row's Σ ∂terms/∂b [B], the target entries
     left out (0 in the first). The clamp to ±1 passes the gradient even outside: a cosine leaves [−1, 1] only by
-    rounding, where x ≈ ±w and the normalisations' projections (_unit_backward) take it to zero anyway."""
+    rounding, where x ≈ ±w and the normalisations' projections (unit_rows_backward_) take it to zero anyway."""
     half = chunk.clamp(-1.0, 1.0).add_(1.0).div_(2.0)
     slope = None if spec.detach_adjust else half.pow(spec.t - 1.0).mul_(spec.t * spec.r)
     d_logit = _negative_logits(half, bias, spec).sigmoid_().mul_(negative_weight)
