@@ -12,13 +12,12 @@ import torch.nn.functional as F
 
 from faceforge.distributed import shutdown
 from faceforge.engine import step as step_module
-from faceforge.engine.optim import set_lr
 from faceforge.engine.parallel import Parallel
-from faceforge.engine.step import StepParts, train_step
+from faceforge.engine.step import StepParts
 from faceforge.heads.base import is_class_rows
 from faceforge.tokenizer import Codebook, build_codes, save_codes
 from faceforge.tokenizer.spreading import gaussian_potential
-from test_sparse_update import LRS, B, N, _assert_same, _batch
+from test_sparse_update import B, N, _assert_same, run_steps
 from test_sparse_update import _parts as _step_parts
 
 OPTIMS = {
@@ -69,23 +68,6 @@ def _dense_sum_then_restore(p: StepParts, loss: torch.Tensor, grad_norm: torch.T
     return skipped
 
 
-def _run(p: StepParts, steps: int, reference: bool, rank: int = 0, world: int = 1, whole: bool = False) -> None:
-    """`steps` train_steps on rank `rank`'s rows of global batches (all rows with `whole`), the lr changing and the
-    uniformity subset seeded per step and rank, by the sparse path or the dense reference."""
-    real = step_module._step_with_sampled_rows
-    if reference:
-        step_module._step_with_sampled_rows = _dense_sum_then_restore
-    try:
-        for i in range(steps):
-            set_lr(p.optimizer, LRS[i % len(LRS)])
-            x, y = _batch(i, world)
-            rows = slice(None) if whole else slice(rank * B, (rank + 1) * B)
-            torch.manual_seed(1000 * i + rank)
-            assert not bool(train_step(p, x[rows], y[rows]).skipped)
-    finally:
-        step_module._step_with_sampled_rows = real
-
-
 def test_block_gradient_is_the_dense_formulas(tmp_path):
     """The block's gradient is the former dense one (pull summed over the batch, potential of the batch's and the
     subset's vectors), from the same random subset: the RNG stream after the step is the same too."""
@@ -121,8 +103,8 @@ def test_gif_rows_update_equals_dense_then_restore(optim, uniformity, steps, tmp
     codes = _codes_file(tmp_path)
     sparse, dense = _parts(codes, uniformity, optim), _parts(codes, uniformity, optim)
     start = sparse.head.code_vectors.detach().clone()
-    _run(sparse, steps, reference=False)
-    _run(dense, steps, reference=True)
+    run_steps(sparse, steps)
+    run_steps(dense, steps, _dense_sum_then_restore)
     _assert_same(sparse, dense)
     w = sparse.head.code_vectors
     assert w.grad is None  # no dense [N, D] gradient was made
@@ -149,8 +131,8 @@ def _worker(rank: int, world: int, init_file: str, codes: str, uniformity: float
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     par = Parallel(rank, world, 0, dist.group.WORLD)
     sparse, dense = _parts(codes, uniformity, optim, par), _parts(codes, uniformity, optim, par)
-    _run(sparse, 3, reference=False, rank=rank, world=world)
-    _run(dense, 3, reference=True, rank=rank, world=world)
+    run_steps(sparse, 3, rank=rank, world=world)
+    run_steps(dense, 3, _dense_sum_then_restore, rank=rank, world=world)
     _assert_same(sparse, dense)
     assert sparse.head.code_vectors.grad is None
     state = {f"backbone.{k}": v for k, v in sparse.backbone.state_dict().items()}
@@ -172,7 +154,7 @@ def test_gif_ranks_sum_their_rows_and_stay_equal(uniformity, optim, tmp_path):
         assert torch.equal(value, ranks[1][key]), key
     if uniformity == 0.0:
         single = _parts(codes, uniformity, optim)
-        _run(single, 3, reference=False, world=world, whole=True)
+        run_steps(single, 3, world=world, whole=True)
         state = {f"backbone.{k}": v for k, v in single.backbone.state_dict().items()}
         state.update({f"head.{k}": v for k, v in single.head.state_dict().items()})
         for key, value in state.items():

@@ -76,17 +76,19 @@ def _dense_then_restore(p: StepParts, loss: torch.Tensor, grad_norm: torch.Tenso
     return skipped
 
 
-def _run(p: StepParts, steps: int, reference: bool, rank: int = 0, world: int = 1) -> None:
-    """`steps` train_steps on different batches and samples (the same seeds on both paths), the lr changing."""
+def run_steps(p: StepParts, steps: int, reference=None, rank: int = 0, world: int = 1, whole: bool = False) -> None:
+    """`steps` train_steps on rank `rank`'s rows of global batches (all rows with `whole`), the lr changing, the
+    global RNG seeded per step and rank (the class sample, GIF's uniformity subset); `reference` replaces the
+    step's sampled-row update (the dense procedure it must equal) when given."""
     real = step_module._step_with_sampled_rows
-    if reference:
-        step_module._step_with_sampled_rows = _dense_then_restore
+    if reference is not None:
+        step_module._step_with_sampled_rows = reference
     try:
         for i in range(steps):
             set_lr(p.optimizer, LRS[i % len(LRS)])
             x, y = _batch(i, world)
-            rows = slice(rank * B, (rank + 1) * B)
-            torch.manual_seed(1000 * i + rank)  # the class sample
+            rows = slice(None) if whole else slice(rank * B, (rank + 1) * B)
+            torch.manual_seed(1000 * i + rank)
             assert not bool(train_step(p, x[rows], y[rows]).skipped)
     finally:
         step_module._step_with_sampled_rows = real
@@ -108,8 +110,8 @@ def _assert_same(a: StepParts, b: StepParts) -> None:
 @pytest.mark.parametrize("head", list(HEADS))
 def test_sampled_rows_update_equals_dense_then_restore(head, optim):
     sparse, dense = _parts(HEADS[head], OPTIMS[optim]), _parts(HEADS[head], OPTIMS[optim])
-    _run(sparse, 4, reference=False)
-    _run(dense, 4, reference=True)
+    run_steps(sparse, 4)
+    run_steps(dense, 4, _dense_then_restore)
     _assert_same(sparse, dense)
     name = next(iter(sparse.head.sampled_blocks()))
     weight = dict(sparse.head.named_parameters())[name]
@@ -150,8 +152,8 @@ def _worker(rank: int, world: int, init_file: str, head: str, optim: str, result
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     par = Parallel(rank, world, 0, dist.group.WORLD)
     sparse, dense = _parts(HEADS[head], OPTIMS[optim], par), _parts(HEADS[head], OPTIMS[optim], par)
-    _run(sparse, 3, reference=False, rank=rank, world=world)
-    _run(dense, 3, reference=True, rank=rank, world=world)
+    run_steps(sparse, 3, rank=rank, world=world)
+    run_steps(dense, 3, _dense_then_restore, rank=rank, world=world)
     _assert_same(sparse, dense)
     (used,) = sparse.head.sampled_class_rows().values()  # "weight", or "base.weight" under UNPG
     torch.save({"rows": sparse.head.shard.count, "moved": len(used)},
