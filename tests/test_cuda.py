@@ -1,6 +1,7 @@
 """CUDA-only checks, run by benchmarks/gpu_check.sh as `pytest -m cuda` and skipped without a GPU: reduced precision
 agrees with fp32 for every head, the prefetching copy delivers the plain path's batches, a compiled step equals the
-eager one, fused AdamW resumes, and a one-process torchrun with NCCL trains, checkpoints and resumes.
+eager one, fused AdamW resumes, a one-process torchrun with NCCL trains, checkpoints and resumes, and the
+fused head losses give the CPU's values and gradients.
 
 Sizes are small (tiny backbone, 32 classes, batch 32) so the whole file runs in well under two minutes."""
 
@@ -244,3 +245,25 @@ def test_compiled_step_equals_eager(precision, tmp_path, no_tf32):
     tol = COMPILE_TOLERANCE[precision]
     assert abs(loss_c - loss_e) <= tol["loss"] * abs(loss_e), (loss_c, loss_e)
     assert abs(grad_c - grad_e) <= tol["grad"] * grad_e, (grad_c, grad_e)
+
+
+@pytest.mark.parametrize("name,params", [("arcface", {}), ("softmax", {}), ("cosface", {"unpg": {"k": 1.5}}),
+                                         ("sphereface2", {}), ("sphereface2", {"variant": "A"})])
+def test_fused_losses_on_the_gpu_equal_the_cpu(name, params):
+    """The fused margin softmax and SphereFace2 loss (one [B, C] buffer, gradients written by hand) give the CPU's
+    loss and gradients on CUDA, in float64 so that only summation order differs (~1e-16 relative)."""
+    from faceforge.heads import build_head
+
+    results = []
+    for device in ("cpu", DEVICE):
+        torch.manual_seed(0)
+        head = build_head(name, EMBEDDING, 300, **params).double().to(device)
+        emb = torch.randn(BATCH, EMBEDDING, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        emb = emb.to(device).requires_grad_()
+        labels = torch.randint(0, 300, (BATCH,), generator=torch.Generator().manual_seed(2)).to(device)
+        out = head(emb, labels)
+        out.loss.backward()
+        grads = [emb.grad, *(p.grad for p in head.parameters())]
+        results.append([out.loss.detach().cpu(), *(g.detach().cpu() for g in grads)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
