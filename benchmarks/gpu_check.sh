@@ -9,7 +9,7 @@
 #   a      pytest -m cuda (tests/test_cuda.py): precision per head, prefetch, compile, fused AdamW resume, torchrun
 #   b      faceforge bench train rows: r50/r100 bf16 + channels_last with and without compile, r50 at N = 1M and
 #          4M with sample_rate 0.1, ArcFace + TopoFR and ArcFace + UNPG, the real loader on a generated SynthFace
-#          .rec, GIF at N = 4M (random codes: timing only)
+#          .rec, GIF at N = 4M (random codes: timing only), the head step alone at N = 4M (bench head-step --memory)
 #   c      benchmarks/ijb_scoring.py --device cuda
 #
 # Every part runs under `timeout` (its own cap, and never past its section's end: setup by 75 s, a by 190 s, b by
@@ -162,6 +162,9 @@ bench r50 60 "$CL" "${R50[@]}" --num-classes "$N" "${DEV[@]}" "${STEPS[@]}"
 bench r100 60 "$CL" "${R100[@]}" --num-classes "$N" "${DEV[@]}" "${STEPS[@]}"
 bench r50-N1M-sr0.1 60 "$CL" "${R50[@]}" --num-classes "$N1M" --sample-rate 0.1 "${DEV[@]}" "${STEPS[@]}"
 bench r50-N4M-sr0.1 90 "$CL" "${R50[@]}" --num-classes "$N4M" --sample-rate 0.1 "${DEV[@]}" "${STEPS[@]}"
+# The head path alone at 4M classes (fused margin softmax, row-only update), its tracked peak next to the plan.
+part b.head-step-N4M-sr0.1 60 430 "$PY" -m faceforge bench head-step --head arcface --num-classes "$N4M" \
+    --sample-rate 0.1 --batch 1024 --device "$CODES_DEVICE" "${STEPS[@]}" --memory
 bench r50-arcface+topofr 60 --config configs/ms1mv2_r100_topofr.yaml "$CL" "${R50[@]}" --num-classes "$N" \
     "${DEV[@]}" "${STEPS[@]}"
 bench r50-arcface+unpg 60 --config configs/ms1mv2_r100_unpg_arcface.yaml "$CL" "${R50[@]}" --num-classes "$N" \
