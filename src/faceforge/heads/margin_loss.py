@@ -79,17 +79,11 @@ def _chunks(columns: int) -> list[slice]:
 
 
 def _unit_rows(v: torch.Tensor, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """v / max(‖v‖, eps) row-wise (F.normalize) and the rows' norms [rows, 1]; (v, None) when not normalising."""
+    """v / max(‖v‖, eps) row-wise (F.normalize) and that divisor [rows]; (v, None) when not normalising."""
     if not normalize:
         return v, None
-    norm = v.norm(dim=1, keepdim=True)
-    return v / norm.clamp_min(NORM_EPS), norm
-
-
-def _unit_rows_backward_(grad: torch.Tensor, unit: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """In place: the gradient w.r.t. v of unit = v / max(‖v‖, eps) from the one w.r.t. unit (F.normalize's)."""
-    along = (unit * grad).sum(dim=1, keepdim=True) * (norm >= NORM_EPS)
-    return grad.addcmul_(unit, along, value=-1.0).div_(norm.clamp_min(NORM_EPS))
+    norm = torch.linalg.vector_norm(v, dim=1).clamp_min_(NORM_EPS)
+    return v / norm[:, None], norm
 
 
 def _centre_norms(centres: torch.Tensor, dtype: torch.dtype, normalize: bool) -> torch.Tensor | None:
@@ -151,9 +145,10 @@ def _product_grads(grad, embeddings, centres, norms, needs):
     back through the products and the normalisations.
 
     With r_j = 1 / max(‖w_j‖, eps) and ĝ = ∂loss/∂cos with column j times r_j: ∂/∂x̂ = ĝ·W and, per centre,
-    g_j = ĝ_jᵀ·x̂, then ∂/∂w_j = g_j − r_j²·(w_j·g_j)·w_j: F.normalize's backward written on the raw centres (the
-    projection left out where ‖w_j‖ < eps, as there)."""
-    x, x_norm = _unit_rows(embeddings.to(grad.dtype), norms is not None)
+    g_j = ĝ_jᵀ·x̂, then ∂/∂w_j = g_j − r_j²·(w_j·g_j)·w_j: F.normalize's backward written on the raw rows
+    (centres.unit_rows_backward_, for the embeddings too)."""
+    raw_x = embeddings.to(grad.dtype)
+    x, x_norm = _unit_rows(raw_x, norms is not None)
     if norms is not None:
         grad.div_(norms.clamp_min(NORM_EPS))
     w = centres.to(grad.dtype)
@@ -162,7 +157,7 @@ def _product_grads(grad, embeddings, centres, norms, needs):
     if grad_w is not None and norms is not None:
         unit_rows_backward_(grad_w, w, norms.clamp_min(NORM_EPS))
     if grad_x is not None and x_norm is not None:
-        grad_x = _unit_rows_backward_(grad_x, x, x_norm)
+        grad_x = unit_rows_backward_(grad_x.div_(x_norm[:, None]), raw_x, x_norm)
     return (None if grad_x is None else grad_x.to(embeddings.dtype),
             None if grad_w is None else grad_w.to(centres.dtype))
 
