@@ -17,7 +17,7 @@ from faceforge.config import Config, TrainConfig
 from faceforge.data.loader import BatchPlan, TrainLoader, prefetch_to_device, to_model_input
 from faceforge.data.record_dataset import RecordDataset
 from faceforge.engine.head_memory import (
-    GIF_VOCABULARY, head_step_parts, plan_head_memory, random_gif_codes, track_step,
+    GIF_VOCABULARY, head_step_parts, plan_head_memory, track_step, with_random_codes,
 )
 from faceforge.engine.step import StepParts, build_parts, train_step
 from faceforge.engine.validate import check_components
@@ -166,9 +166,7 @@ def _build_params(head: str, num_classes: int, embedding_size: int, sample_rate:
         return {**head_params, "sample_rate": sample_rate}
     if sample_rate != 1.0:
         raise ConfigError(f"bench head-step --sample-rate {sample_rate}: gif has no class centres to sample")
-    v = head_params.get("v", GIF_VOCABULARY)
-    codes, vectors = random_gif_codes(num_classes, v, embedding_size, with_vectors=head_params.get("gamma") != 0)
-    return {**head_params, "v": v, "codes": codes, "code_vectors": vectors}
+    return with_random_codes({**head_params, "v": head_params.get("v", GIF_VOCABULARY)}, num_classes, embedding_size)
 
 
 def _memory_row(parts: StepParts, batches: Iterator[tuple], head: str, num_classes: int, sample_rate: float,

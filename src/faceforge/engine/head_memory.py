@@ -128,6 +128,14 @@ def random_gif_codes(identities: int, v: int, dim: int, seed: int = 0, length: i
     return codes, F.normalize(torch.randn(identities, dim, generator=gen), dim=1) if with_vectors else None
 
 
+def with_random_codes(params: dict, identities: int, dim: int, length: int | None = None) -> dict:
+    """GIF's head parameters (vocabulary params["v"]) with random_gif_codes made in memory: the codes, and the code
+    vectors unless params' gamma is 0 (no pull term: only the codes must fit)."""
+    codes, vectors = random_gif_codes(identities, params["v"], dim, length=length,
+                                      with_vectors=params.get("gamma") != 0)
+    return {**params, "codes": codes, "code_vectors": vectors}
+
+
 def _held_tensors(parts: StepParts) -> Iterator[torch.Tensor]:
     """What a step starts with: parameters and their gradients, buffers, optimizer state, a sampling head's
     last block of rows."""
@@ -238,9 +246,7 @@ def _probe(head: str, optimizer: str, params_json: str, probe: tuple[int, int, i
     params, classes_of = json.loads(params_json), json.loads(sizes_json)
     classes, batch, dim = probe
     if head == "gif":
-        codes, vectors = random_gif_codes(classes, params["v"], dim, length=params.pop("length"),
-                                          with_vectors=params.get("gamma") != 0)
-        params.update(codes=codes, code_vectors=vectors)
+        params = with_random_codes(params, classes, dim, length=params.pop("length"))
     torch.manual_seed(0)
     dev = torch.device(device)
     parts = head_step_parts(head, classes, batch, dim, optimizer, dev, params)
